@@ -1,0 +1,45 @@
+"""odelta_fast: plug-and-play delta tuning for any PyTorch / Hugging Face model.
+
+Attach LoRA, adapters, BitFit, prefixes and more by module name, with no edit to the model's
+code; every delta computation goes through one op layer with an eager reference path and
+fused kernels underneath.
+"""
+__version__ = "0.1.0"
+
+import logging as _logging
+import os as _os
+
+from .auto import AutoDeltaConfig, AutoDeltaModel, BaseDeltaConfig
+from .delta import DeltaBase
+from .methods.adapter import AdapterModel
+from .methods.bitfit import BitFitModel
+from .methods.compacter import CompacterModel
+from .methods.lora import LoraModel
+from .methods.low_rank_adapter import LowRankAdapterModel
+from .methods.parallel_adapter import ParallelAdapterModel
+
+_logger = _logging.getLogger(__name__)
+_logger.addHandler(_logging.NullHandler())
+if _os.environ.get("ODELTA_VERBOSITY"):
+    _logging.basicConfig()
+    _logger.setLevel(_os.environ["ODELTA_VERBOSITY"].upper())
+
+
+def __getattr__(name):
+    # Prefix and soft-prompt tuning pull in attention internals of transformers; import on use.
+    if name == "PrefixModel":
+        from .methods.prefix import PrefixModel
+
+        return PrefixModel
+    if name == "SoftPromptModel":
+        from .methods.soft_prompt import SoftPromptModel
+
+        return SoftPromptModel
+    raise AttributeError(f"module 'odelta_fast' has no attribute {name!r}")
+
+
+__all__ = [
+    "AdapterModel", "AutoDeltaConfig", "AutoDeltaModel", "BaseDeltaConfig", "BitFitModel", "CompacterModel",
+    "DeltaBase", "LoraModel", "LowRankAdapterModel", "ParallelAdapterModel", "PrefixModel", "SoftPromptModel",
+    "__version__",
+]

@@ -1,0 +1,219 @@
+"""Name-based addressing: which modules of a backbone a list of name specs selects.
+
+Rules (kept from OpenDelta, with its regex and exclude bugs fixed):
+
+* a plain spec matches a module whose dotted path ends with it on whole segments
+  (``"output.dense"`` matches ``encoder.layer.3.output.dense``; ``"ense"`` matches nothing);
+* ``"[r]<pattern>"`` is a regular expression that must match a whole trailing run of segments
+  (``re.fullmatch`` against every suffix, so ``[r]attn`` matches ``a.attn.b.attn``);
+* each spec is tried against the raw path and, where the architecture is mapped, the module's
+  common-structure path (``block.3.attn.q``), so ``"attn.q"`` works on every mapped model;
+* ``exclude_modules`` uses the same matcher;
+* ``"all-linear"`` selects every Linear / Conv1D except the output head.
+"""
+from __future__ import annotations
+
+import difflib
+import re
+from dataclasses import dataclass
+from typing import Iterable, Optional, Sequence
+
+from torch import nn
+
+REGEX_PREFIX = "[r]"
+ALL_LINEAR = "all-linear"
+
+# Raw names other architectures use for a common name; lets the "no match" error point a user
+# who typed a LLaMA name on a BERT at the right module.
+_KNOWN_ALIASES = {
+    "attn.q": ("q_proj", "query", "q", "q_lin", "wq"),
+    "attn.k": ("k_proj", "key", "k", "k_lin", "wk"),
+    "attn.v": ("v_proj", "value", "v", "v_lin", "wv"),
+    "attn.o": ("o_proj", "out_proj", "dense", "o", "out_lin", "wo", "c_proj"),
+    "attn.qkv": ("c_attn", "query_key_value", "qkv_proj", "Wqkv", "qkv"),
+    "ff.w1": ("up_proj", "fc1", "c_fc", "lin1", "wi", "dense_h_to_4h", "intermediate"),
+    "ff.w2": ("down_proj", "fc2", "lin2", "wo", "dense_4h_to_h"),
+    "ff.gate": ("gate_proj", "w1", "wi_0"),
+}
+
+
+def linear_types() -> tuple[type, ...]:
+    """Module types that count as linear projections (GPT-2's Conv1D is one with a transposed weight)."""
+    types: list[type] = [nn.Linear]
+    try:
+        from transformers.pytorch_utils import Conv1D
+
+        types.append(Conv1D)
+    except ImportError:  # pragma: no cover - transformers is a dependency, but keep addressing usable without it
+        pass
+    return tuple(types)
+
+
+@dataclass(frozen=True)
+class Spec:
+    text: str
+    regex: Optional[re.Pattern]
+
+    @classmethod
+    def parse(cls, text: str) -> "Spec":
+        if not isinstance(text, str) or not text:
+            raise ValueError(f"module spec {text!r} must be a non-empty string")
+        if text.startswith(REGEX_PREFIX):
+            pattern = text[len(REGEX_PREFIX):]
+            try:
+                return cls(text, re.compile(pattern))
+            except re.error as err:
+                raise ValueError(f"module spec {text!r}: invalid regular expression {pattern!r}: {err}") from None
+        return cls(text, None)
+
+    def matches_path(self, path: Optional[str]) -> bool:
+        if not path:
+            return False
+        if self.regex is None:
+            return path == self.text or path.endswith("." + self.text)
+        segments = path.split(".")
+        return any(self.regex.fullmatch(".".join(segments[i:])) for i in range(len(segments)))
+
+
+class NameMatcher:
+    """A compiled list of specs; ``match`` is true if any spec matches the raw or common path."""
+
+    def __init__(self, specs: Optional[Iterable[str]]):
+        self.specs = [Spec.parse(s) for s in (specs or [])]
+
+    def __bool__(self) -> bool:
+        return bool(self.specs)
+
+    def matching_spec(self, path: str, common_path: Optional[str] = None) -> Optional[Spec]:
+        for spec in self.specs:
+            if spec.matches_path(path) or spec.matches_path(common_path):
+                return spec
+        return None
+
+    def match(self, path: str, common_path: Optional[str] = None) -> bool:
+        return self.matching_spec(path, common_path) is not None
+
+
+def _common_lookup(structure, use_common: Optional[bool]):
+    if structure is None or use_common is False or not getattr(structure, "mapped", False):
+        return lambda path: None
+    return structure.common_name
+
+
+def select_modules(
+    model: nn.Module,
+    modified_modules: Sequence[str],
+    exclude_modules: Optional[Sequence[str]] = None,
+    *,
+    structure=None,
+    common_structure: Optional[bool] = None,
+    module_types: Optional[tuple[type, ...]] = None,
+) -> list[tuple[str, nn.Module]]:
+    """The ``(path, module)`` pairs selected by the specs, in ``named_modules`` order.
+
+    Raises ``ValueError`` naming every spec that matched nothing, with the closest candidates.
+    ``common_structure=True`` matches common names only, ``False`` raw names only, ``None`` both.
+    ``module_types`` restricts what a spec may select (LoRA needs a Linear); a spec that matches
+    only modules of other types counts as matching nothing.
+    """
+    if common_structure and (structure is None or not structure.mapped):
+        raise ValueError(
+            "common_structure=True but this architecture has no common-structure map; "
+            "pass raw module names in modified_modules instead"
+        )
+    raw_specs = list(modified_modules)
+    want_all_linear = ALL_LINEAR in raw_specs
+    matcher = NameMatcher([s for s in raw_specs if s != ALL_LINEAR])
+    excluder = NameMatcher(exclude_modules)
+    common_of = _common_lookup(structure, common_structure)
+    raw_ok = common_structure is not True
+    heads = structure.output_head_paths() if structure is not None else set()
+    lin_types = linear_types()
+
+    selected: list[tuple[str, nn.Module]] = []
+    used: set[str] = set()
+    for path, module in model.named_modules():
+        if not path:
+            continue
+        common = common_of(path)
+        raw = path if raw_ok else None
+        if excluder and excluder.match(path, common):
+            continue
+        hit = False
+        if want_all_linear and isinstance(module, lin_types) and path not in heads and not _is_head_name(path, common):
+            hit = True
+            used.add(ALL_LINEAR)
+        spec = matcher.matching_spec(raw or "", common)
+        if spec is not None and (module_types is None or isinstance(module, module_types)):
+            hit = True
+            used.add(spec.text)
+        if hit:
+            selected.append((path, module))
+
+    unmatched = [s for s in raw_specs if s not in used]
+    if unmatched:
+        raise ValueError(no_match_message(model, unmatched, structure, module_types, common_structure))
+    return selected
+
+
+def _is_head_name(path: str, common: Optional[str]) -> bool:
+    last = path.rsplit(".", 1)[-1]
+    return common == "lm_head" or last in ("lm_head", "classifier", "score", "qa_outputs")
+
+
+def candidate_paths(model: nn.Module, structure=None, module_types=None) -> list[tuple[str, Optional[str]]]:
+    common_of = _common_lookup(structure, None)
+    return [
+        (path, common_of(path))
+        for path, module in model.named_modules()
+        if path and (module_types is None or isinstance(module, module_types))
+    ]
+
+
+def closest_candidates(spec: str, candidates: list[tuple[str, Optional[str]]], limit: int = 5) -> list[str]:
+    """Module paths most similar to ``spec``, compared on tails of equal segment count and on
+    the common names other architectures' raw names stand for."""
+    text = spec[len(REGEX_PREFIX):] if spec.startswith(REGEX_PREFIX) else spec
+    n_segments = text.count(".") + 1
+    alias_of = {alias: common for common, aliases in _KNOWN_ALIASES.items() for alias in aliases}
+    implied_common = alias_of.get(text.rsplit(".", 1)[-1])
+
+    def score(item) -> float:
+        path, common = item
+        tail = ".".join(path.split(".")[-n_segments:])
+        best = difflib.SequenceMatcher(None, text, tail).ratio()
+        if common:
+            best = max(best, difflib.SequenceMatcher(None, text, common.split(".", 2)[-1]).ratio())
+            if implied_common and (common == implied_common or common.endswith("." + implied_common)):
+                best += 1.0
+        return best
+
+    ranked = sorted(candidates, key=score, reverse=True)
+    seen_tails: list[str] = []
+    out: list[str] = []
+    for path, common in ranked:
+        # Show each distinct tail once: twelve copies of ``layer.N.attention.self.query`` help nobody.
+        tail = re.sub(r"\.\d+\.", ".N.", path)
+        if tail in seen_tails:
+            continue
+        seen_tails.append(tail)
+        out.append(f"{path} (common name: {common})" if common else path)
+        if len(out) == limit:
+            break
+    return out
+
+
+def no_match_message(model, specs, structure=None, module_types=None, common_structure=None) -> str:
+    candidates = candidate_paths(model, structure, module_types)
+    kind = "/".join(t.__name__ for t in module_types) if module_types else "module"
+    lines = []
+    for spec in specs:
+        lines.append(f"module spec {spec!r} matches no {kind} of {type(model).__name__}.")
+        near = closest_candidates(spec, candidates)
+        if near:
+            lines.append("  closest candidates:")
+            lines.extend(f"    {c}" for c in near)
+    if common_structure is False:
+        lines.append("  (common_structure=False: only raw module names were tried)")
+    lines.append("Plain specs match whole trailing name segments; '[r]<regex>' must match a whole trailing run.")
+    return "\n".join(lines)

@@ -1,0 +1,88 @@
+"""``AutoDeltaConfig`` / ``AutoDeltaModel``: build or load any method from its ``delta_type``."""
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from torch import nn
+
+from . import checkpoint
+
+# delta_type -> "module:ClassName", imported on first use so one broken method cannot break the rest.
+DELTA_MODEL_MAPPING: dict[str, str] = {
+    "lora": "odelta_fast.methods.lora:LoraModel",
+    "bitfit": "odelta_fast.methods.bitfit:BitFitModel",
+    "adapter": "odelta_fast.methods.adapter:AdapterModel",
+    "parallel_adapter": "odelta_fast.methods.parallel_adapter:ParallelAdapterModel",
+    "compacter": "odelta_fast.methods.compacter:CompacterModel",
+    "low_rank_adapter": "odelta_fast.methods.low_rank_adapter:LowRankAdapterModel",
+    "prefix": "odelta_fast.methods.prefix:PrefixModel",
+    "soft_prompt": "odelta_fast.methods.soft_prompt:SoftPromptModel",
+}
+
+
+def model_class(delta_type: str):
+    try:
+        target = DELTA_MODEL_MAPPING[delta_type]
+    except KeyError:
+        raise ValueError(f"unknown delta_type {delta_type!r}; expected one of {sorted(DELTA_MODEL_MAPPING)}") from None
+    module_name, class_name = target.split(":")
+    return getattr(importlib.import_module(module_name), class_name)
+
+
+class BaseDeltaConfig:
+    """A method's configuration: ``delta_type`` plus the method's constructor arguments.
+    Unknown keys are an error that lists the accepted ones."""
+
+    def __init__(self, delta_type: str, **kwargs: Any):
+        from .delta import _init_kwargs
+
+        cls = model_class(delta_type)
+        accepted = _init_kwargs(cls)
+        # Keys a saved checkpoint carries for bookkeeping, not for the constructor.
+        informational = {"backbone_class", "targets", "odelta_fast_version", "weights_file", "format_version"}
+        unknown = sorted(set(kwargs) - set(accepted) - informational)
+        if unknown:
+            raise ValueError(f"{cls.__name__} does not take {unknown}; accepted keys: {sorted(accepted)}")
+        self.delta_type = delta_type
+        self.values = {k: v for k, v in kwargs.items() if k in accepted}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"delta_type": self.delta_type, **self.values}
+
+    def __getattr__(self, key):
+        values = self.__dict__.get("values", {})
+        if key in values:
+            return values[key]
+        raise AttributeError(key)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.to_dict()!r})"
+
+
+class AutoDeltaConfig:
+    @staticmethod
+    def from_dict(config: dict[str, Any]) -> BaseDeltaConfig:
+        config = dict(config)
+        if "delta_type" not in config:
+            raise ValueError(f"a delta config needs a 'delta_type' key (one of {sorted(DELTA_MODEL_MAPPING)})")
+        return BaseDeltaConfig(**config)
+
+    @staticmethod
+    def from_finetuned(path: str) -> BaseDeltaConfig:
+        return AutoDeltaConfig.from_dict(checkpoint.read_config(path))
+
+
+class AutoDeltaModel:
+    @staticmethod
+    def from_config(config, backbone_model: nn.Module, **overrides):
+        if isinstance(config, dict):
+            config = AutoDeltaConfig.from_dict(config)
+        return model_class(config.delta_type).from_config(config, backbone_model, **overrides)
+
+    @staticmethod
+    def from_finetuned(finetuned_delta_path: str, backbone_model: nn.Module, **overrides):
+        config = checkpoint.read_config(finetuned_delta_path)
+        if "delta_type" not in config:
+            raise checkpoint.CheckpointError(f"{finetuned_delta_path!r}: config.json has no 'delta_type'")
+        return model_class(config["delta_type"]).from_finetuned(finetuned_delta_path, backbone_model, **overrides)

@@ -1,0 +1,104 @@
+"""BitFit: a trainable bias added to the output of each targeted module.
+
+The delta is an additive bias vector (zero at start), not the backbone's own bias: training it
+gives the same gradients as unfreezing the existing bias, but it also works on modules without
+a bias (LLaMA projections, RMSNorm), it saves as a delta, and it detaches. ``merge()`` folds it
+into the module's own bias where there is one.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+from torch import nn
+
+from .. import ops
+from ..delta import DeltaBase, DeltaModule
+from ..routing import map_hidden
+from .shapes import is_conv1d, output_features
+
+
+class BiasDelta(DeltaModule):
+    route_kind = "sequential"
+
+    def __init__(self, features: int, *, mergeable: bool, backend: str = "auto", device=None, dtype=None):
+        super().__init__(backend)
+        self.bias = nn.Parameter(torch.zeros(features, device=device, dtype=dtype))
+        self.mergeable = mergeable
+        self._bias_backup: Optional[torch.Tensor] = None
+
+    def post(self, target, args, kwargs, output):
+        return map_hidden(output, lambda h: ops.bias_add(h, self.bias, backend=self.backend))
+
+    def merge(self, target):
+        self._bias_backup = target.bias.detach().clone()
+        ops.bias_merge_(target.bias, self.bias)
+
+    def unmerge(self, target):
+        target.bias.copy_(self._bias_backup)
+        self._bias_backup = None
+
+
+def _bias_targets(module: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The leaves of ``module`` that produce a biasable output: projections and norms."""
+    if not any(True for _ in module.children()):
+        return [("", module)]
+    leaves = []
+    for path, sub in module.named_modules():
+        if path and not any(True for _ in sub.children()) and _has_width(sub):
+            leaves.append((path, sub))
+    return leaves
+
+
+def _has_width(module: nn.Module) -> bool:
+    if isinstance(module, (nn.Linear, nn.LayerNorm)) or is_conv1d(module):
+        return True
+    weight = getattr(module, "weight", None)
+    return isinstance(weight, nn.Parameter) and weight.dim() == 1
+
+
+class BitFitModel(DeltaBase):
+    """Bias terms on the attention and feed-forward projections and the layer norms."""
+
+    delta_type = "bitfit"
+    default_modified_modules = ["attn", "ff", "attn.layer_norm", "ff.layer_norm"]
+
+    def __init__(
+        self,
+        backbone_model: nn.Module,
+        modified_modules: Optional[Sequence[str]] = None,
+        exclude_modules: Optional[Sequence[str]] = None,
+        unfrozen_modules: Optional[Sequence[str]] = None,
+        common_structure: Optional[bool] = None,
+        backend: str = "auto",
+        name: Optional[str] = None,
+    ):
+        super().__init__(backbone_model, modified_modules, exclude_modules, unfrozen_modules, common_structure, backend, name)
+        self.add_all_delta_to_backbone()
+
+    def default_targets(self):
+        # Architectures differ in which of these exist (BERT has no single "ff" module).
+        present = set()
+        for _, common in self.structure.items():
+            for name in self.default_modified_modules:
+                if common == name or common.endswith("." + name):
+                    present.add(name)
+        return [n for n in self.default_modified_modules if n in present]
+
+    def select_targets(self):
+        # A non-leaf target (a whole attention block) spreads to its biasable leaves; each leaf
+        # gets one bias even when several specs reach it.
+        seen: dict[int, tuple[str, nn.Module]] = {}
+        for path, module in super().select_targets():
+            for sub_path, leaf in _bias_targets(module):
+                full = f"{path}.{sub_path}" if sub_path else path
+                seen.setdefault(id(leaf), (full, leaf))
+        return list(seen.values())
+
+    def build_delta(self, path, target):
+        weight = next((p for p in target.parameters(recurse=False) if p.is_floating_point()), None)
+        has_bias = isinstance(getattr(target, "bias", None), nn.Parameter)
+        return BiasDelta(
+            output_features(target, self.backbone_model), mergeable=has_bias, backend=self.backend,
+            device=weight.device if weight is not None else None, dtype=weight.dtype if weight is not None else None,
+        )

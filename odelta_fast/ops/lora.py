@@ -1,0 +1,281 @@
+"""LoRA linear: ``y = x W^T + b + s * (drop(x) A^T) B^T`` as one op.
+
+The eager implementation is the specification every other backend is tested against. It is a
+``torch.library`` custom op with its own backward so that
+
+* autograd keeps only ``x`` (already alive in the caller) and the small ``M x r`` product
+  ``drop(x) A^T``: the dropout mask is regenerated in backward from a seed instead of being
+  stored, and no dropped copy of ``x`` survives the forward (PEFT keeps one per layer);
+* scale and add ride inside ``addmm`` instead of two extra passes over the ``M x N`` output;
+* ``torch.compile(fullgraph=True)`` sees one opaque node, not a graph break.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .backend import kernels, resolve_backend, triton_available
+from .checks import autocast_dtype, check_probability, check_tensor
+
+OP = "lora_linear"
+
+
+# ----------------------------------------------------------------------------- dropout mask
+def dropout_keep_scale(shape, dropout_p: float, seed: int, device, dtype) -> Tensor:
+    """The inverted-dropout multiplier ``mask / (1 - p)`` drawn from ``seed``: the same seed gives
+    the same mask, which is how backward regenerates it without storing it."""
+    generator = torch.Generator(device=device)
+    generator.manual_seed(seed)
+    keep = torch.empty(shape, device=device, dtype=dtype).bernoulli_(1.0 - dropout_p, generator=generator)
+    return keep.mul_(1.0 / (1.0 - dropout_p))
+
+
+def new_dropout_seed() -> Tensor:
+    # Drawn from torch's default CPU generator so torch.manual_seed makes runs repeatable; kept on
+    # the CPU so reading it inside the op never synchronises a GPU stream.
+    return torch.randint(0, 2**62, (1,), dtype=torch.int64)
+
+
+# Passed when dropout is off: the op signature always carries a seed.
+_NO_SEED = torch.zeros(1, dtype=torch.int64)
+
+
+def _dropped(x: Tensor, dropout_p: float, seed: Tensor) -> Tensor:
+    if dropout_p == 0.0:
+        return x
+    return x * dropout_keep_scale(x.shape, dropout_p, int(seed.item()), x.device, x.dtype)
+
+
+# ----------------------------------------------------------------------------- eager reference
+def lora_linear_reference(
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    lora_a: Tensor,
+    lora_b: Tensor,
+    scaling: float,
+    keep_scale: Optional[Tensor] = None,
+) -> Tensor:
+    """Plain autograd-differentiable formula; ``keep_scale`` is an explicit dropout multiplier
+    (``mask / (1 - p)``), so kernels with their own RNG can be checked against the same mask."""
+    dropped = x if keep_scale is None else x * keep_scale
+    y = torch.nn.functional.linear(x, weight, bias)
+    return y + scaling * ((dropped @ lora_a.t()) @ lora_b.t())
+
+
+@torch.library.custom_op("odelta_fast::lora_linear_fwd", mutates_args=())
+def _lora_linear_fwd(
+    x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a: Tensor, lora_b: Tensor,
+    scaling: float, dropout_p: float, seed: Tensor,
+) -> tuple[Tensor, Tensor]:
+    xa = _dropped(x, dropout_p, seed) @ lora_a.t()
+    y = torch.addmm(bias, x, weight.t()) if bias is not None else x @ weight.t()
+    y.addmm_(xa, lora_b.t(), alpha=scaling)
+    return y, xa
+
+
+@_lora_linear_fwd.register_fake
+def _(x, weight, bias, lora_a, lora_b, scaling, dropout_p, seed):
+    return x.new_empty(x.shape[0], weight.shape[0]), x.new_empty(x.shape[0], lora_a.shape[0])
+
+
+@torch.library.custom_op("odelta_fast::lora_linear_bwd", mutates_args=())
+def _lora_linear_bwd(
+    grad_y: Tensor, x: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor, xa: Tensor,
+    scaling: float, dropout_p: float, seed: Tensor,
+    need_x: bool, need_weight: bool, need_bias: bool, need_lora: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    # Distinct empty placeholders: custom-op outputs may not alias each other.
+    grad_x, grad_weight, grad_bias, grad_a, grad_b = (grad_y.new_empty(0) for _ in range(5))
+    # dY B is small (M x r) and shared by dA and the low-rank part of dX.
+    gb = grad_y @ lora_b if (need_x or need_lora) else None
+    keep = None
+    if dropout_p > 0.0 and (need_x or need_lora):
+        keep = dropout_keep_scale(x.shape, dropout_p, int(seed.item()), x.device, x.dtype)
+    if need_lora:
+        dropped = x if keep is None else x * keep
+        grad_a = (gb.t() @ dropped).mul_(scaling)
+        grad_b = (grad_y.t() @ xa).mul_(scaling)
+    if need_x:
+        grad_x = grad_y @ weight
+        if keep is None:
+            grad_x.addmm_(gb, lora_a, alpha=scaling)
+        else:
+            grad_x.add_((gb @ lora_a).mul_(keep), alpha=scaling)
+    if need_weight:
+        grad_weight = grad_y.t() @ x
+    if need_bias:
+        grad_bias = grad_y.sum(0)
+    return grad_x, grad_weight, grad_bias, grad_a, grad_b
+
+
+@_lora_linear_bwd.register_fake
+def _(grad_y, x, weight, lora_a, lora_b, xa, scaling, dropout_p, seed, need_x, need_weight, need_bias, need_lora):
+    def maybe(flag, like):
+        return torch.empty_like(like) if flag else grad_y.new_empty(0)
+
+    return (maybe(need_x, x), maybe(need_weight, weight), grad_y.new_empty(weight.shape[0] if need_bias else 0),
+            maybe(need_lora, lora_a), maybe(need_lora, lora_b))
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, lora_a, lora_b, scaling, dropout_p, seed = inputs
+    ctx.save_for_backward(x, weight, lora_a, lora_b, output[1], seed)
+    ctx.scaling, ctx.dropout_p = scaling, dropout_p
+
+
+def _backward(ctx, grad_y, _grad_xa):
+    x, weight, lora_a, lora_b, xa, seed = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    grads = _lora_linear_bwd(
+        grad_y.contiguous(), x, weight, lora_a, lora_b, xa, ctx.scaling, ctx.dropout_p, seed,
+        need[0], need[1], need[2], need[3] or need[4],
+    )
+    grad_x, grad_weight, grad_bias, grad_a, grad_b = grads
+    return (
+        grad_x if need[0] else None,
+        grad_weight if need[1] else None,
+        grad_bias if need[2] else None,
+        grad_a if need[3] else None,
+        grad_b if need[4] else None,
+        None, None, None,
+    )
+
+
+_lora_linear_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------- public op
+def check_lora_linear_inputs(x, weight, bias, lora_a, lora_b, dropout_p) -> None:
+    check_tensor(OP, "x", x)
+    if x.dim() < 1:
+        raise ValueError(f"{OP}: argument 'x' must have at least one dimension (..., in_features)")
+    in_features = x.shape[-1]
+    check_tensor(OP, "weight", weight, (None, in_features), like=x)
+    out_features = weight.shape[0]
+    check_tensor(OP, "bias", bias, (out_features,), like=x, optional=True)
+    check_tensor(OP, "lora_a", lora_a, (None, in_features), like=x)
+    check_tensor(OP, "lora_b", lora_b, (out_features, lora_a.shape[0]), like=x)
+    check_probability(OP, "dropout_p", dropout_p)
+
+
+def lora_linear(
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    lora_a: Tensor,
+    lora_b: Tensor,
+    scaling: float,
+    dropout_p: float = 0.0,
+    *,
+    training: bool = True,
+    backend: str = "auto",
+) -> Tensor:
+    """``x W^T + b + scaling * (dropout(x) A^T) B^T``.
+
+    Shapes: ``x (..., K)``, ``weight (N, K)`` (pass ``conv1d.weight.t()`` for GPT-2's ``Conv1D``),
+    ``bias (N,)`` or None, ``lora_a (r, K)``, ``lora_b (N, r)``. Dropout applies only to the
+    low-rank branch and only when ``training``.
+    """
+    cast_to = autocast_dtype(x.device)
+    if cast_to is not None:
+        x, weight, lora_a, lora_b = (t.to(cast_to) for t in (x, weight, lora_a, lora_b))
+        bias = bias.to(cast_to) if bias is not None else None
+    check_lora_linear_inputs(x, weight, bias, lora_a, lora_b, dropout_p)
+    p = float(dropout_p) if training else 0.0
+    chosen = resolve_backend(OP, backend, x.device, implemented=lora_backends(), dtype=x.dtype)
+    lead_shape = x.shape[:-1]
+    x2d = x.reshape(-1, x.shape[-1])
+    if chosen == "eager":
+        seed = new_dropout_seed() if p > 0.0 else _NO_SEED
+        y, _ = _lora_linear_fwd(x2d, weight, bias, lora_a, lora_b, float(scaling), p, seed)
+    else:
+        y = kernels("lora").lora_linear(
+            x2d, weight, bias, lora_a, lora_b, float(scaling), p, device_dropout_seed(x.device, p))
+    return y.reshape(*lead_shape, weight.shape[0])
+
+
+_NO_SEED_ON: dict = {}
+
+
+def device_dropout_seed(device: torch.device, dropout_p: float) -> Tensor:
+    """Seed for the Triton kernels: an int64 tensor on the tensors' device (the kernels load it, so
+    drawing it never synchronises the stream); drawn from the device's default generator so
+    ``torch.manual_seed`` makes runs repeatable."""
+    if dropout_p == 0.0:
+        if device not in _NO_SEED_ON:
+            _NO_SEED_ON[device] = torch.zeros(1, dtype=torch.int64, device=device)
+        return _NO_SEED_ON[device]
+    return torch.randint(0, 2**62, (1,), dtype=torch.int64, device=device)
+
+
+def lora_backends() -> tuple[str, ...]:
+    """Backends besides eager that implement this op."""
+    return ("triton",)
+
+
+# ----------------------------------------------------------------------------- grouped shrink
+GROUPED_OP = "lora_shrink_grouped"
+
+
+def lora_shrink_grouped(
+    x: Tensor, lora_as: list, dropout_p: float = 0.0, *, training: bool = True, backend: str = "auto",
+) -> list:
+    """``[drop_g(x) A_g^T for each A_g]`` for projections sharing one input (q, k, v; gate, up):
+    the Triton backend reads ``x`` once for all groups in one launch. Each group gets its own
+    dropout mask (group g draws from ``seed + g``), like separate LoRA layers would.
+
+    Shapes: ``x (..., K)``, each ``lora_as[g] (r_g, K)``; returns tensors ``(..., r_g)``.
+    Differentiable in ``x`` and every ``A_g``.
+    """
+    check_tensor(GROUPED_OP, "x", x)
+    if not isinstance(lora_as, (list, tuple)) or len(lora_as) == 0:
+        raise ValueError(f"{GROUPED_OP}: argument 'lora_as' must be a non-empty list of (r, {x.shape[-1]}) tensors")
+    for i, a in enumerate(lora_as):
+        check_tensor(GROUPED_OP, f"lora_as[{i}]", a, (None, x.shape[-1]), like=x)
+    check_probability(GROUPED_OP, "dropout_p", dropout_p)
+    p = float(dropout_p) if training else 0.0
+    chosen = resolve_backend(GROUPED_OP, backend, x.device, implemented=lora_backends(), dtype=x.dtype)
+    lead, K = x.shape[:-1], x.shape[-1]
+    x2d = x.reshape(-1, K)
+    if chosen == "eager":
+        outs = []
+        for a in lora_as:
+            seed = new_dropout_seed() if p > 0.0 else _NO_SEED
+            outs.append(_dropped(x2d, p, seed) @ a.t())
+    else:
+        r_max = max(a.shape[0] for a in lora_as)
+        stacked = torch.stack([torch.nn.functional.pad(a, (0, 0, 0, r_max - a.shape[0])) for a in lora_as])
+        out = _GroupedShrink.apply(x2d, stacked, p, device_dropout_seed(x.device, p))
+        outs = [out[g, :, : a.shape[0]] for g, a in enumerate(lora_as)]
+    return [o.reshape(*lead, o.shape[-1]) for o in outs]
+
+
+class _GroupedShrink(torch.autograd.Function):
+    """Autograd for the grouped Triton shrink; backward is plain torch on small (M x r) tensors
+    plus the regenerated masks (only materialised when dropout is on)."""
+
+    @staticmethod
+    def forward(ctx, x, stacked, p, seed):
+        ctx.save_for_backward(x, stacked, seed)
+        ctx.p = p
+        return kernels("lora").lora_shrink_grouped_fwd(x, stacked, p, seed)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, stacked, seed = ctx.saved_tensors
+        kl = kernels("lora")
+        grad_x = torch.zeros_like(x) if ctx.needs_input_grad[0] else None
+        grad_a = torch.empty_like(stacked) if ctx.needs_input_grad[1] else None
+        for g in range(stacked.shape[0]):
+            keep = None
+            if ctx.p > 0.0:
+                keep = kl.dropout_keep_scale(seed + g, tuple(x.shape), ctx.p).to(x.dtype)
+            if grad_x is not None:
+                term = grad_out[g] @ stacked[g]
+                grad_x += term if keep is None else term * keep
+            if grad_a is not None:
+                grad_a[g] = grad_out[g].t() @ (x if keep is None else x * keep)
+        return grad_x, grad_a, None, None

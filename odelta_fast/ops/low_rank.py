@@ -1,0 +1,27 @@
+"""The low-rank update on its own: ``s * (drop(x) A^T) B^T``.
+
+Used when a second LoRA sits on a module whose output a first LoRA already computes with
+``lora_linear``: the second adds only its update, never a second base matmul.
+"""
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import Tensor
+
+from .backend import resolve_backend
+from .checks import check_probability, check_tensor
+
+OP = "lora_update"
+
+
+def lora_update(
+    x: Tensor, lora_a: Tensor, lora_b: Tensor, scaling: float, dropout_p: float = 0.0, *,
+    training: bool = True, backend: str = "auto",
+) -> Tensor:
+    check_tensor(OP, "x", x)
+    check_tensor(OP, "lora_a", lora_a, (None, x.shape[-1]), like=x)
+    check_tensor(OP, "lora_b", lora_b, (None, lora_a.shape[0]), like=x)
+    check_probability(OP, "dropout_p", dropout_p)
+    resolve_backend(OP, backend, x.device, implemented=())
+    dropped = F.dropout(x, dropout_p, training) if dropout_p > 0.0 else x
+    return (dropped @ lora_a.t()) @ (lora_b.t() * scaling)

@@ -1,0 +1,123 @@
+"""Re-routing a module's forward pass through delta modules, and undoing it exactly.
+
+A routed module gets one instance-level ``forward`` (a dispatcher) and a list of the delta
+modules attached to it; its class, its source code and its parameters are untouched. Removing
+the last delta deletes the instance attribute, so the class's own forward (or whatever instance
+forward was there before, e.g. an accelerate hook) is back, bit for bit.
+
+Delta modules declare how they join the computation with ``route_kind``:
+
+* ``"replace"``: computes the module's whole output itself (LoRA: base matmul plus the low-rank
+  update in one op). It receives the original forward for anything it does not handle. If
+  several replace-deltas sit on one module, the first computes the output and the others add
+  their ``parallel`` contribution.
+* ``"parallel"``: ``output + delta.parallel(module, args, kwargs)``.
+* ``"sequential"``: ``delta.post(module, args, kwargs, output)`` after the module.
+* ``"pre"``: ``args, kwargs = delta.pre(module, args, kwargs)`` before the module.
+"""
+from __future__ import annotations
+
+import types
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+ROUTES_ATTR = "_odelta_routes"
+SAVED_FORWARD_ATTR = "_odelta_saved_forward"
+_NO_INSTANCE_FORWARD = object()
+
+ROUTE_KINDS = ("replace", "parallel", "sequential", "pre")
+
+
+def map_hidden(output: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+    """Apply ``fn`` to the hidden states of a module output: the tensor itself, the first element
+    of a tuple/list (attention blocks return ``(hidden, weights, ...)``), or the first field of a
+    ``ModelOutput``."""
+    if isinstance(output, torch.Tensor):
+        return fn(output)
+    if isinstance(output, tuple) and output:
+        return (fn(output[0]),) + tuple(output[1:])
+    if isinstance(output, list) and output:
+        return [fn(output[0])] + output[1:]
+    if hasattr(output, "keys") and hasattr(output, "__setitem__"):
+        first = next(iter(output.keys()))
+        output[first] = fn(output[first])
+        return output
+    raise TypeError(f"cannot find hidden states in a module output of type {type(output).__name__}")
+
+
+def hidden_of(output: Any) -> torch.Tensor:
+    found = []
+    map_hidden(output, lambda t: found.append(t) or t)
+    return found[0]
+
+
+def _routed_forward(module: nn.Module, *args, **kwargs):
+    # Bound to the module with MethodType (not a closure) so deepcopy and pickle rebind it to
+    # the copy instead of routing the copy through the original's deltas.
+    route_list = module.__dict__[ROUTES_ATTR]
+    original = _original_forward(module)
+    for delta in route_list:
+        if delta.route_kind == "pre" and delta.route_active:
+            args, kwargs = delta.pre(module, args, kwargs)
+    primary = None
+    for delta in route_list:
+        if delta.route_kind == "replace" and delta.route_active:
+            primary = delta
+            break
+    output = primary.replace(module, original, args, kwargs) if primary is not None else original(*args, **kwargs)
+    for delta in route_list:
+        if not delta.route_active or delta is primary:
+            continue
+        if delta.route_kind in ("parallel", "replace"):
+            extra = delta.parallel(module, args, kwargs)
+            output = map_hidden(output, lambda h, extra=extra: h + extra)
+    for delta in route_list:
+        if delta.route_kind == "sequential" and delta.route_active:
+            output = delta.post(module, args, kwargs, output)
+    return output
+
+
+def is_routed(module: nn.Module) -> bool:
+    return ROUTES_ATTR in module.__dict__
+
+
+def _original_forward(module: nn.Module) -> Callable:
+    saved = module.__dict__.get(SAVED_FORWARD_ATTR, _NO_INSTANCE_FORWARD)
+    if saved is _NO_INSTANCE_FORWARD:
+        return type(module).forward.__get__(module)
+    return saved
+
+
+def routes(module: nn.Module) -> list:
+    return module.__dict__.get(ROUTES_ATTR, [])
+
+
+def attach(module: nn.Module, child_name: str, delta: nn.Module) -> None:
+    """Register ``delta`` as ``module.<child_name>`` and route ``module``'s forward through it."""
+    if delta.route_kind not in ROUTE_KINDS:
+        raise ValueError(f"delta route_kind {delta.route_kind!r} is not one of {ROUTE_KINDS}")
+    if child_name in module._modules or hasattr(type(module), child_name) or child_name in module._parameters:
+        raise ValueError(f"{type(module).__name__} already has an attribute named {child_name!r}")
+    module.add_module(child_name, delta)
+    if ROUTES_ATTR not in module.__dict__:
+        module.__dict__[SAVED_FORWARD_ATTR] = module.__dict__.get("forward", _NO_INSTANCE_FORWARD)
+        module.__dict__[ROUTES_ATTR] = []
+        module.forward = types.MethodType(_routed_forward, module)
+    module.__dict__[ROUTES_ATTR].append(delta)
+
+
+def detach(module: nn.Module, child_name: str) -> nn.Module:
+    """Undo ``attach``: unregister the child and, with the last delta gone, restore the forward."""
+    delta = module._modules.pop(child_name)
+    route_list = module.__dict__[ROUTES_ATTR]
+    route_list[:] = [d for d in route_list if d is not delta]
+    if not route_list:
+        saved = module.__dict__.pop(SAVED_FORWARD_ATTR)
+        del module.__dict__[ROUTES_ATTR]
+        if saved is _NO_INSTANCE_FORWARD:
+            del module.__dict__["forward"]
+        else:
+            module.__dict__["forward"] = saved
+    return delta

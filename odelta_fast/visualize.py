@@ -1,0 +1,110 @@
+"""The backbone as a rich tree: module names and types, parameter shapes, and which parameters
+are trainable, frozen or delta, with repeated blocks folded into ranges such as ``0-11``."""
+from __future__ import annotations
+
+from typing import Optional
+
+from rich.console import Console
+from rich.text import Text
+from rich.tree import Tree
+from torch import nn
+
+from . import routing
+
+STYLE_NAME = "white"
+STYLE_TYPE = "green"
+STYLE_TRAINABLE = "cyan"
+STYLE_FROZEN = "rgb(100,100,100)"
+STYLE_DELTA = "bold rgb(175,0,255)"
+STYLE_FOLD = "red"
+
+
+def _is_delta(param: nn.Parameter) -> bool:
+    from .delta import DELTA_PARAM_ATTR
+
+    return hasattr(param, DELTA_PARAM_ATTR)
+
+
+def _param_style(param: nn.Parameter) -> str:
+    if _is_delta(param):
+        return STYLE_DELTA
+    return STYLE_TRAINABLE if param.requires_grad else STYLE_FROZEN
+
+
+def _signature(module: nn.Module) -> tuple:
+    """What must agree for two sibling subtrees to fold into one range."""
+    return (
+        type(module).__name__,
+        tuple((n, tuple(p.shape), p.requires_grad, _is_delta(p)) for n, p in module.named_parameters()),
+        tuple((n, type(m).__name__) for n, m in module.named_modules()),
+    )
+
+
+def _label(name: str, module: nn.Module, with_backend: bool) -> Text:
+    text = Text()
+    text.append(name, style=STYLE_FOLD if "-" in name and name.replace("-", "").isdigit() else STYLE_NAME)
+    text.append(f" ({type(module).__name__})", style=STYLE_TYPE)
+    for pname, param in module.named_parameters(recurse=False):
+        text.append(f" {pname}:[{','.join(map(str, param.shape))}]", style=_param_style(param))
+    if with_backend and routing.is_routed(module):
+        for delta in routing.routes(module):
+            state = "merged" if getattr(delta, "merged", False) else delta.backend_for(module)
+            text.append(f" <{type(delta).__name__}: {state}>", style=STYLE_DELTA)
+    return text
+
+
+def _fold_children(module: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Children with runs of identical numbered siblings folded into ``first-last``."""
+    out: list[tuple[str, nn.Module]] = []
+    run: list[tuple[str, nn.Module]] = []
+
+    def flush():
+        if not run:
+            return
+        label = run[0][0] if len(run) == 1 else f"{run[0][0]}-{run[-1][0]}"
+        out.append((label, run[0][1]))
+        run.clear()
+
+    for name, child in module.named_children():
+        if name.isdigit() and run and _signature(child) == _signature(run[-1][1]) and int(name) == int(run[-1][0]) + 1:
+            run.append((name, child))
+            continue
+        flush()
+        if name.isdigit():
+            run.append((name, child))
+        else:
+            out.append((name, child))
+    flush()
+    return out
+
+
+def build_tree(module: nn.Module, root_name: str = "root", with_backend: bool = True) -> Tree:
+    tree = Tree(_label(root_name, module, with_backend))
+
+    def grow(node: Tree, mod: nn.Module):
+        for name, child in _fold_children(mod):
+            grow(node.add(_label(name, child, with_backend)), child)
+
+    grow(tree, module)
+    return tree
+
+
+def parameter_summary(module: nn.Module) -> str:
+    trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in module.parameters())
+    pct = 100.0 * trainable / total if total else 0.0
+    return f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {pct:.4f}"
+
+
+def log_tree(module: nn.Module, console: Optional[Console] = None, visualization: bool = True, **_) -> str:
+    console = console or Console()
+    if visualization:
+        console.print(build_tree(module))
+        console.print(
+            Text("legend: ", style="bold")
+            + Text("trainable ", style=STYLE_TRAINABLE) + Text("frozen ", style=STYLE_FROZEN)
+            + Text("delta ", style=STYLE_DELTA) + Text("folded-range", style=STYLE_FOLD)
+        )
+    summary = parameter_summary(module)
+    console.print(summary)
+    return summary
