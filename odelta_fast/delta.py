@@ -164,6 +164,9 @@ class DeltaBase:
         targets = self.select_targets()
         built = [Slot(path, module, self.name, self.build_delta(path, module)) for path, module in targets]
         for slot in built:
+            # A new module starts in training mode; follow the target, or a delta attached to an
+            # eval-mode backbone would run dropout at inference.
+            slot.delta.train(slot.target.training)
             for param in slot.delta.parameters():
                 setattr(param, DELTA_PARAM_ATTR, self.name)
         self.slots = built

@@ -105,7 +105,7 @@ def _lora_linear_bwd(
         else:
             grad_x.add_((gb @ lora_a).mul_(keep), alpha=scaling)
     if need_weight:
-        grad_weight = grad_y.t() @ x
+        grad_weight = (grad_y.t() @ x).contiguous()  # mm may hand back a transposed layout
     if need_bias:
         grad_bias = grad_y.sum(0)
     return grad_x, grad_weight, grad_bias, grad_a, grad_b
@@ -114,7 +114,9 @@ def _lora_linear_bwd(
 @_lora_linear_bwd.register_fake
 def _(grad_y, x, weight, lora_a, lora_b, xa, scaling, dropout_p, seed, need_x, need_weight, need_bias, need_lora):
     def maybe(flag, like):
-        return torch.empty_like(like) if flag else grad_y.new_empty(0)
+        # Contiguous like the real gradients: empty_like would copy the strides of a transposed
+        # Conv1D weight view and disagree with what the implementation returns.
+        return like.new_empty(like.shape) if flag else grad_y.new_empty(0)
 
     return (maybe(need_x, x), maybe(need_weight, weight), grad_y.new_empty(weight.shape[0] if need_bias else 0),
             maybe(need_lora, lora_a), maybe(need_lora, lora_b))

@@ -1,0 +1,289 @@
+"""Resolve the tables in ``tables.py`` against a concrete model instance."""
+
+from __future__ import annotations
+
+import sys
+import warnings
+from functools import lru_cache
+from typing import Iterator
+
+from torch import nn
+
+from .tables import MODEL_TYPES, Arch
+
+# Top-level children of a *ForXxx model that hold the output head, in the order
+# preferred when choosing the module named ``lm_head``. Only consulted when the
+# model *is* its own base model (T5ForConditionalGeneration keeps encoder,
+# decoder and lm_head side by side); otherwise every child outside the base
+# model counts as head.
+HEAD_NAMES = (
+    "lm_head", "embed_out", "cls", "classifier", "classification_head", "score",
+    "qa_outputs", "vocab_projector", "generator_lm_head", "lm_loss",
+)
+
+
+class UnmappedArchitectureWarning(UserWarning):
+    """A model (or part of one) has no structure table; raw module names apply."""
+
+
+class StructureMap:
+    """Raw module path <-> common structure name for one model.
+
+    Paths are those of ``model.named_modules()`` for the model given to
+    :func:`structure_map`. Each raw module has at most one common name; a common
+    name has one raw module per mapped HF model (several when a wrapper holds
+    several backbones).
+    """
+
+    def __init__(self, to_common: dict[str, str], heads: set[str],
+                 roots: dict[str, str], fused: frozenset[str]):
+        self._to_common = to_common
+        self._by_common: dict[str, list[str]] = {}
+        for raw, name in to_common.items():
+            self._by_common.setdefault(name, []).append(raw)
+        self._heads = frozenset(heads)
+        #: path of each mapped HF model -> its config.model_type
+        self.roots = dict(roots)
+        self.model_types: tuple[str, ...] = tuple(dict.fromkeys(roots.values()))
+        self.model_type: str | None = self.model_types[0] if self.model_types else None
+        self.mapped: bool = bool(roots)
+        #: block-level common names whose module packs several projections
+        #: (``attn.qkv`` always; ``ff.w1`` for Phi-3's gate_up_proj).
+        self.fused_names: frozenset[str] = fused
+        self.fused_qkv: bool = "attn.qkv" in fused
+
+    def common_name(self, path: str) -> str | None:
+        return self._to_common.get(path)
+
+    def output_head_paths(self) -> set[str]:
+        """Every module inside an output head (the head roots and all their descendants)."""
+        return set(self._heads)
+
+    def items(self) -> Iterator[tuple[str, str]]:
+        """(raw path, common name) pairs in ``named_modules()`` order."""
+        return iter(self._to_common.items())
+
+    def paths(self, common: str) -> list[str]:
+        """Raw paths carrying exactly the common name ``common``."""
+        return list(self._by_common.get(common, ()))
+
+    def __len__(self) -> int:
+        return len(self._to_common)
+
+    def __repr__(self) -> str:
+        kind = ",".join(self.model_types) if self.mapped else "unmapped"
+        return f"StructureMap({kind}, {len(self)} names, fused_qkv={self.fused_qkv})"
+
+
+def structure_map(model: nn.Module) -> StructureMap:
+    """Map every transformers model found in ``model`` (itself or nested anywhere).
+
+    Issues one :class:`UnmappedArchitectureWarning` per call when a model (or a
+    sub-model without mapped parts) has no table.
+    """
+    modules = dict(model.named_modules())
+    order = {path: i for i, path in enumerate(modules)}
+    to_common: dict[str, str] = {}
+    heads: set[str] = set()
+    roots: dict[str, str] = {}
+    fused: set[str] = set()
+    failed: list[tuple[str, nn.Module, str]] = []  # (path, module, reason)
+
+    for path, hf in _hf_models(modules):
+        if any(_is_under(path, root) for root in roots):
+            continue  # the base model / stacks inside an already mapped model
+        model_type = getattr(getattr(hf, "config", None), "model_type", None)
+        arch = MODEL_TYPES.get(model_type) if isinstance(model_type, str) else None
+        if arch is None:
+            failed.append((path, hf, f"model type {model_type!r} has no structure table"))
+            continue
+        found = _map_one(arch, path, hf, modules)
+        if found is None:
+            failed.append((path, hf, f"model type {model_type!r}: its blocks were not found "
+                                     "(module layout unknown to this transformers version?)"))
+            continue
+        names, model_heads = found
+        roots[path] = model_type
+        heads |= model_heads
+        fused |= arch.fused
+        for raw, name in names.items():
+            to_common.setdefault(raw, name)
+            if name == "attn.qkv" or name.endswith(".attn.qkv"):
+                fused.add("attn.qkv")
+
+    _warn_unmapped(model, roots, failed)
+    ordered = dict(sorted(to_common.items(), key=lambda kv: order[kv[0]]))
+    return StructureMap(ordered, heads, roots, frozenset(fused))
+
+
+# --------------------------------------------------------------------------- internals
+
+
+def _hf_models(modules: dict[str, nn.Module]) -> Iterator[tuple[str, nn.Module]]:
+    # transformers.modeling_utils is necessarily imported if any HF model exists,
+    # so never import it ourselves (that alone costs ~1 s).
+    modeling_utils = sys.modules.get("transformers.modeling_utils")
+    pretrained = getattr(modeling_utils, "PreTrainedModel", None)
+    if pretrained is None:
+        return
+    for path, module in modules.items():
+        if isinstance(module, pretrained):
+            yield path, module
+
+
+def _map_one(arch: Arch, path: str, hf: nn.Module, modules: dict[str, nn.Module]
+             ) -> tuple[dict[str, str], set[str]] | None:
+    base_path = _base_model_path(path, hf, modules)
+    names: dict[str, str] = {}
+
+    def put(raw: str, name: str) -> None:
+        if raw not in names:
+            names[raw] = name
+
+    any_block = False
+    for stack_name, stack in arch.stacks.items():
+        prefix = f"{stack_name}." if stack_name else ""
+        blocks = [b for container in _resolve_containers(base_path, stack.blocks, modules)
+                  for b in _children(container, modules)]
+        any_block = any_block or bool(blocks)
+        for i, block_path in enumerate(blocks):
+            block_name = f"{prefix}block.{i}"
+            put(block_path, block_name)
+            for common, candidates in stack.block.items():
+                raw = _first_present(block_path, candidates, modules)
+                if raw is not None:
+                    put(raw, f"{block_name}.{common}")
+        for common, candidates in stack.extra.items():
+            raw = _first_present(base_path, candidates, modules)
+            if raw is not None:
+                put(raw, f"{prefix}{common}")
+    if not any_block:
+        return None
+    for common, candidates in arch.top.items():
+        raw = _first_present(base_path, candidates, modules)
+        if raw is not None:
+            put(raw, common)
+
+    head_roots = _head_roots(path, hf, base_path, modules)
+    heads: set[str] = set()
+    for root in head_roots:
+        heads.update(p for p, _ in modules[root].named_modules(prefix=root) if p in modules)
+    lm_head = _lm_head(head_roots, modules)
+    if lm_head is not None:
+        put(lm_head, "lm_head")
+    return names, heads
+
+
+def _base_model_path(path: str, hf: nn.Module, modules: dict[str, nn.Module]) -> str:
+    try:
+        base = hf.base_model
+    except Exception:
+        return path
+    if base is hf or not isinstance(base, nn.Module):
+        return path
+    candidate = _join(path, getattr(hf, "base_model_prefix", "") or "")
+    if modules.get(candidate) is base:
+        return candidate
+    for name, child in hf.named_children():
+        if child is base and _join(path, name) in modules:
+            return _join(path, name)
+    return path
+
+
+def _head_roots(path: str, hf: nn.Module, base_path: str,
+                modules: dict[str, nn.Module]) -> list[str]:
+    roots = []
+    for name, _ in hf.named_children():
+        child = _join(path, name)
+        if child not in modules or child == base_path:
+            continue
+        if base_path != path or name in HEAD_NAMES:
+            roots.append(child)
+    return roots
+
+
+def _lm_head(head_roots: list[str], modules: dict[str, nn.Module]) -> str | None:
+    """The final output projection: the last linear layer of the preferred head."""
+    if not head_roots:
+        return None
+    by_name = {root.rsplit(".", 1)[-1]: root for root in head_roots}
+    preferred = [by_name[n] for n in HEAD_NAMES if n in by_name]
+    chosen = preferred[:1] or head_roots
+    last = None
+    for root in chosen:
+        for p, m in modules[root].named_modules(prefix=root):
+            if p in modules and _is_linear(m):
+                last = p
+    return last if last is not None else chosen[0]
+
+
+def _resolve_containers(base_path: str, spec: str, modules: dict[str, nn.Module]) -> list[str]:
+    for alternative in _alternatives(spec):
+        current = [base_path]
+        for segment in alternative.split("."):
+            if segment == "*":
+                current = [c for p in current for c in _children(p, modules)]
+            else:
+                current = [c for c in (_join(p, segment) for p in current) if c in modules]
+        if current:
+            return current
+    return []
+
+
+def _children(path: str, modules: dict[str, nn.Module]) -> list[str]:
+    return [c for c in (_join(path, name) for name, _ in modules[path].named_children())
+            if c in modules]
+
+
+def _first_present(base: str, candidates: str, modules: dict[str, nn.Module]) -> str | None:
+    for alternative in _alternatives(candidates):
+        raw = _join(base, alternative)
+        if raw in modules:
+            return raw
+    return None
+
+
+@lru_cache(maxsize=None)
+def _alternatives(spec: str) -> tuple[str, ...]:
+    return tuple(s.strip() for s in spec.split("|"))
+
+
+def _join(a: str, b: str) -> str:
+    return f"{a}.{b}" if a and b else a or b
+
+
+def _is_under(path: str, root: str) -> bool:
+    return root == "" or path == root or path.startswith(root + ".")
+
+
+def _is_linear(module: nn.Module) -> bool:
+    # transformers' Conv1D (GPT-2) is a Linear with a transposed weight.
+    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
+
+
+def _warn_unmapped(model: nn.Module, roots: dict[str, str],
+                   failed: list[tuple[str, nn.Module, str]]) -> None:
+    # A failed model that contains a mapped one (e.g. a multimodal wrapper around
+    # a llama) is covered by its mapped part; only report leaves, outermost first.
+    reported: list[str] = []
+    details = []
+    for path, module, reason in failed:
+        if any(_is_under(root, path) for root in roots):
+            continue
+        if any(_is_under(path, r) for r in reported):
+            continue
+        reported.append(path)
+        where = f" at '{path}'" if path else ""
+        details.append(f"{type(module).__name__}{where}: {reason}")
+    if not roots and not details:
+        details.append(f"{type(model).__name__}: not a transformers model (no HF config found)")
+    if not details:
+        return
+    scope = "Parts of this model have" if roots else "This model has"
+    warnings.warn(
+        f"odelta_fast: {scope} an unmapped architecture ({'; '.join(details)}). "
+        "Common structure names (block.N.attn.q, ff.w1, ...) are not available there; "
+        "raw module names from named_modules() are used instead.",
+        UnmappedArchitectureWarning,
+        stacklevel=3,
+    )
