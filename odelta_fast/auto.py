@@ -82,6 +82,12 @@ class AutoDeltaModel:
 
     @staticmethod
     def from_finetuned(finetuned_delta_path: str, backbone_model: nn.Module, **overrides):
+        """Load a checkpoint of any type; a PEFT adapter directory is recognised by its
+        ``adapter_config.json`` carrying ``peft_type``."""
+        from .peft_format import is_peft_checkpoint, load_peft
+
+        if is_peft_checkpoint(finetuned_delta_path):
+            return load_peft(finetuned_delta_path, backbone_model, **overrides)
         config = checkpoint.read_config(finetuned_delta_path)
         if "delta_type" not in config:
             raise checkpoint.CheckpointError(f"{finetuned_delta_path!r}: config.json has no 'delta_type'")

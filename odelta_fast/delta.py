@@ -310,14 +310,19 @@ class DeltaBase:
         return tensors
 
     def save_finetuned(self, finetuned_delta_path: str = "./delta_checkpoints/", **kwargs) -> str:
-        """Write the config and the delta's tensors (never the backbone) atomically."""
+        """Write the config and the delta's tensors (never the backbone) atomically.
+        ``format="peft"`` writes PEFT's ``adapter_config.json`` + ``adapter_model.safetensors`` (LoRA only)."""
         fmt = kwargs.pop("format", "odelta")
         if kwargs:
             raise TypeError(f"save_finetuned() got unexpected arguments {sorted(kwargs)}")
-        if fmt != "odelta":
-            raise ValueError(f"save_finetuned: format={fmt!r} is not supported; expected 'odelta'")
+        if fmt not in ("odelta", "peft"):
+            raise ValueError(f"save_finetuned: format={fmt!r} is not supported; expected 'odelta' or 'peft'")
         if self.is_merged:
             raise RuntimeError(f"delta {self.name!r} is merged into the base weights; unmerge() before saving it")
+        if fmt == "peft":
+            from .peft_format import save_peft
+
+            return save_peft(self, finetuned_delta_path)
         checkpoint.save_checkpoint(finetuned_delta_path, self.config_dict(), self.delta_state_dict())
         return str(finetuned_delta_path)
 

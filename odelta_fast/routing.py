@@ -17,7 +17,8 @@ Delta modules declare how they join the computation with ``route_kind``:
 """
 from __future__ import annotations
 
-import types
+import copy
+import inspect
 from typing import Any, Callable
 
 import torch
@@ -53,9 +54,33 @@ def hidden_of(output: Any) -> torch.Tensor:
     return found[0]
 
 
+class RoutedForward:
+    """The forward installed on a routed module.
+
+    A small callable object rather than a closure: ``deepcopy`` and ``pickle`` rebuild it around
+    the copied module (a closure would keep routing the copy through the original's deltas), and
+    ``inspect.signature`` reports the original forward's parameters, so tools that read the
+    signature (the HF Trainer drops dataset columns the forward does not name) see no change.
+    """
+
+    def __init__(self, module: nn.Module):
+        self.module = module
+
+    def __call__(self, *args, **kwargs):
+        return _routed_forward(self.module, *args, **kwargs)
+
+    @property
+    def __signature__(self):
+        return inspect.signature(_original_forward(self.module))
+
+    def __deepcopy__(self, memo):
+        return RoutedForward(copy.deepcopy(self.module, memo))
+
+    def __reduce__(self):
+        return (RoutedForward, (self.module,))
+
+
 def _routed_forward(module: nn.Module, *args, **kwargs):
-    # Bound to the module with MethodType (not a closure) so deepcopy and pickle rebind it to
-    # the copy instead of routing the copy through the original's deltas.
     route_list = module.__dict__[ROUTES_ATTR]
     original = _original_forward(module)
     for delta in route_list:
@@ -104,7 +129,7 @@ def attach(module: nn.Module, child_name: str, delta: nn.Module) -> None:
     if ROUTES_ATTR not in module.__dict__:
         module.__dict__[SAVED_FORWARD_ATTR] = module.__dict__.get("forward", _NO_INSTANCE_FORWARD)
         module.__dict__[ROUTES_ATTR] = []
-        module.forward = types.MethodType(_routed_forward, module)
+        module.forward = RoutedForward(module)
     module.__dict__[ROUTES_ATTR].append(delta)
 
 

@@ -6,6 +6,7 @@ low-rank update), which the fused kernels implement; the backbone's weight is on
 from __future__ import annotations
 
 import math
+import re
 from typing import Optional, Sequence
 
 import torch
@@ -83,6 +84,14 @@ class LoraDelta(DeltaModule):
         return f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:g}, dropout={self.dropout}"
 
 
+def pattern_value(patterns: dict, path: str, default):
+    """The value of the first pattern that matches the end of ``path`` on a segment boundary."""
+    for pattern, value in patterns.items():
+        if re.match(rf"(.*\.)?({pattern})$", path):
+            return value
+    return default
+
+
 class LoraModel(DeltaBase):
     """LoRA on Linear / Conv1D modules. Defaults to the query and value projections
     (``attn.q``, ``attn.v``), or the fused ``attn.qkv`` where the architecture fuses them."""
@@ -102,6 +111,8 @@ class LoraModel(DeltaBase):
         common_structure: Optional[bool] = None,
         backend: str = "auto",
         use_rslora: bool = False,
+        rank_pattern: Optional[dict[str, int]] = None,
+        alpha_pattern: Optional[dict[str, float]] = None,
         name: Optional[str] = None,
     ):
         if not isinstance(lora_r, int) or lora_r < 1:
@@ -111,6 +122,9 @@ class LoraModel(DeltaBase):
         self.target_types = linear_types()
         super().__init__(backbone_model, modified_modules, exclude_modules, unfrozen_modules, common_structure, backend, name)
         self.lora_r, self.lora_alpha, self.lora_dropout, self.use_rslora = lora_r, lora_alpha, lora_dropout, use_rslora
+        # Per-module overrides, with PEFT's semantics (a regex matched against the end of the
+        # module path), so PEFT checkpoints that use them load unchanged.
+        self.rank_pattern, self.alpha_pattern = dict(rank_pattern or {}), dict(alpha_pattern or {})
         self.add_all_delta_to_backbone()
 
     def default_targets(self):
@@ -118,8 +132,17 @@ class LoraModel(DeltaBase):
 
     def build_delta(self, path, target):
         in_features, out_features = linear_features(target)
+        rank = pattern_value(self.rank_pattern, path, self.lora_r)
+        alpha = pattern_value(self.alpha_pattern, path, self.lora_alpha)
         return LoraDelta(
-            in_features, out_features, self.lora_r, self.lora_alpha, self.lora_dropout,
+            in_features, out_features, rank, alpha, self.lora_dropout,
             use_rslora=self.use_rslora, fan_in_fan_out=is_conv1d(target), backend=self.backend,
             device=target.weight.device, dtype=target.weight.dtype,
         )
+
+    @classmethod
+    def from_peft(cls, path: str, backbone_model: nn.Module, **overrides) -> "LoraModel":
+        """Load a LoRA checkpoint saved by PEFT (``adapter_config.json`` + ``adapter_model.safetensors``)."""
+        from ..peft_format import load_peft
+
+        return load_peft(path, backbone_model, **overrides)

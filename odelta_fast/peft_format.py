@@ -1,0 +1,214 @@
+"""PEFT's LoRA checkpoint format, both ways.
+
+PEFT writes ``adapter_config.json`` and ``adapter_model.safetensors`` with keys
+``base_model.model.<module path>.lora_A.weight`` ``(r, in)`` / ``lora_B.weight`` ``(out, r)``,
+and modules it trains in full (``modules_to_save``) under their own keys. Shapes are the same for
+Linear and GPT-2 ``Conv1D`` targets (``fan_in_fan_out`` only changes how merges transpose), so a
+LoRA delta maps onto the format one to one.
+
+Loading takes the target modules from the weight keys, not from ``target_modules``: the keys
+say exactly which modules carry LoRA, whatever matching rule wrote them.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .checkpoint import CheckpointError
+
+logger = logging.getLogger("odelta_fast")
+
+PEFT_CONFIG_NAME = "adapter_config.json"
+PEFT_WEIGHTS_NAME = "adapter_model.safetensors"
+PEFT_PICKLE_NAME = "adapter_model.bin"
+PREFIX = "base_model.model."
+LORA_KEY = re.compile(r"^(?P<path>.+)\.lora_(?P<which>[AB])\.weight$")
+
+# Config keys PEFT writes for LoRA; anything else is from a newer PEFT and is ignored with a warning.
+KNOWN_LORA_KEYS = {
+    "peft_type", "task_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision",
+    "inference_mode", "r", "lora_alpha", "lora_dropout", "target_modules", "exclude_modules", "fan_in_fan_out",
+    "bias", "use_rslora", "modules_to_save", "init_lora_weights", "layers_to_transform", "layers_pattern",
+    "rank_pattern", "alpha_pattern", "megatron_config", "megatron_core", "trainable_token_indices",
+    "loftq_config", "eva_config", "corda_config", "use_dora", "layer_replication", "lora_bias",
+    "target_parameters", "use_qalora", "qalora_group_size", "arrow_config", "use_bdlora", "kasa_config",
+    "ensure_weight_tying", "alora_invocation_tokens", "runtime_config", "lora_ga_config", "monteclora_config",
+    "velora_config",
+}
+# Features that change the math: loading them as plain LoRA would give wrong outputs.
+UNSUPPORTED_WHEN_SET = {"use_dora": "DoRA", "lora_bias": "LoRA bias terms", "use_qalora": "QALoRA",
+                        "layer_replication": "layer replication", "target_parameters": "parameter targeting"}
+
+_TASK_TYPES = (("ForCausalLM", "CAUSAL_LM"), ("ForSequenceClassification", "SEQ_CLS"),
+               ("ForConditionalGeneration", "SEQ_2_SEQ_LM"), ("ForSeq2SeqLM", "SEQ_2_SEQ_LM"),
+               ("ForTokenClassification", "TOKEN_CLS"), ("ForQuestionAnswering", "QUESTION_ANS"))
+
+
+def is_peft_checkpoint(path: str | os.PathLike) -> bool:
+    config = Path(path) / PEFT_CONFIG_NAME
+    if not config.is_file():
+        return False
+    try:
+        return "peft_type" in json.loads(config.read_text())
+    except json.JSONDecodeError:
+        return False
+
+
+def _task_type(model: nn.Module):
+    name = type(model).__name__
+    return next((task for suffix, task in _TASK_TYPES if name.endswith(suffix)), None)
+
+
+def _atomic_save(directory: Path, name: str, write) -> None:
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, directory / name)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def save_peft(delta, path: str | os.PathLike) -> str:
+    """Write a LoRA delta in PEFT's layout (weights first, then the config that makes it a checkpoint)."""
+    from .methods.lora import LoraModel
+
+    if not isinstance(delta, LoraModel):
+        raise ValueError(f"format='peft' supports LoRA deltas only; {type(delta).__name__} has no PEFT equivalent here")
+    directory = Path(path)
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors: dict[str, torch.Tensor] = {}
+    rank_pattern, alpha_pattern = {}, {}
+    for slot in delta.slots:
+        tensors[f"{PREFIX}{slot.path}.lora_A.weight"] = slot.delta.lora_A
+        tensors[f"{PREFIX}{slot.path}.lora_B.weight"] = slot.delta.lora_B
+        # Anchored full paths: PEFT matches patterns against the end of the module name.
+        if slot.delta.r != delta.lora_r:
+            rank_pattern[re.escape(slot.path)] = slot.delta.r
+        if slot.delta.alpha != delta.lora_alpha:
+            alpha_pattern[re.escape(slot.path)] = slot.delta.alpha
+    unfrozen = delta._unfrozen_backbone_parameters(delta.unfrozen_modules)
+    for name, param in unfrozen.items():
+        tensors[PREFIX + name] = param
+    modules_to_save = sorted({name.rsplit(".", 1)[0] for name in unfrozen})
+    backbone = delta.backbone_model
+    config = {
+        "peft_type": "LORA",
+        "task_type": _task_type(backbone),
+        "base_model_name_or_path": getattr(backbone, "name_or_path", None) or None,
+        "inference_mode": True,
+        "r": delta.lora_r,
+        "lora_alpha": delta.lora_alpha,
+        "lora_dropout": delta.lora_dropout,
+        "target_modules": sorted(slot.path for slot in delta.slots),
+        "fan_in_fan_out": any(slot.delta.fan_in_fan_out for slot in delta.slots),
+        "bias": "none",
+        "use_rslora": delta.use_rslora,
+        "modules_to_save": modules_to_save or None,
+        "init_lora_weights": True,
+        "rank_pattern": rank_pattern,
+        "alpha_pattern": alpha_pattern,
+        "use_dora": False,
+    }
+    cpu = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
+    _atomic_save(directory, PEFT_WEIGHTS_NAME, lambda tmp: save_file(cpu, tmp, metadata={"format": "pt"}))
+    text = json.dumps(config, indent=2, sort_keys=True) + "\n"
+    _atomic_save(directory, PEFT_CONFIG_NAME, lambda tmp: Path(tmp).write_text(text))
+    return str(directory)
+
+
+def read_peft_config(path: str | os.PathLike) -> dict[str, Any]:
+    config_path = Path(path) / PEFT_CONFIG_NAME
+    if not config_path.is_file():
+        raise CheckpointError(f"{str(path)!r} holds no {PEFT_CONFIG_NAME}; is it a PEFT adapter directory?")
+    config = json.loads(config_path.read_text())
+    peft_type = config.get("peft_type")
+    if peft_type != "LORA":
+        raise CheckpointError(
+            f"{config_path}: peft_type {peft_type!r} is not supported; only PEFT LORA checkpoints can be loaded"
+        )
+    unknown = sorted(set(config) - KNOWN_LORA_KEYS)
+    if unknown:
+        warnings.warn(f"{config_path}: ignoring unknown PEFT config keys {unknown} (written by a newer PEFT?)",
+                      stacklevel=3)
+    for key, feature in UNSUPPORTED_WHEN_SET.items():
+        if config.get(key):
+            raise CheckpointError(f"{config_path}: {key}={config[key]!r} ({feature}) is not supported; "
+                                  "only plain LoRA / rsLoRA checkpoints can be loaded")
+    if config.get("bias", "none") != "none":
+        raise CheckpointError(f"{config_path}: bias={config['bias']!r} is not supported; expected 'none'")
+    return config
+
+
+def load_peft(path: str | os.PathLike, backbone_model: nn.Module, **overrides):
+    """Attach the LoRA delta stored in a PEFT directory to ``backbone_model``; any mismatch raises
+    and leaves the backbone as it was."""
+    from .methods.lora import LoraModel
+
+    config = read_peft_config(path)
+    weights = Path(path) / PEFT_WEIGHTS_NAME
+    if not weights.is_file():
+        pickle_hint = " (only a pickled adapter_model.bin is there, which is never unpickled here)" \
+            if (Path(path) / PEFT_PICKLE_NAME).is_file() else ""
+        raise CheckpointError(f"{str(path)!r} holds no {PEFT_WEIGHTS_NAME}{pickle_hint}")
+    raw = load_file(str(weights))
+    tensors = {(k[len(PREFIX):] if k.startswith(PREFIX) else k): v for k, v in raw.items()}
+    factors: dict[str, dict[str, torch.Tensor]] = {}
+    extra: dict[str, torch.Tensor] = {}
+    for key, tensor in tensors.items():
+        match = LORA_KEY.match(key)
+        if match:
+            factors.setdefault(match["path"], {})[match["which"]] = tensor
+        else:
+            extra[key] = tensor
+    if not factors:
+        raise CheckpointError(f"{weights}: no lora_A / lora_B tensors found")
+    incomplete = sorted(p for p, f in factors.items() if set(f) != {"A", "B"})
+    if incomplete:
+        raise CheckpointError(f"{weights}: modules with only one of lora_A / lora_B: {incomplete[:10]}")
+
+    rank_default = int(config.get("r", 8))
+    alpha_default = config.get("lora_alpha", 8)
+    # Per-module ranks come from the tensors; alphas from PEFT's pattern rules.
+    from .methods.lora import pattern_value
+
+    rank_pattern = {re.escape(p): int(f["A"].shape[0]) for p, f in factors.items() if f["A"].shape[0] != rank_default}
+    alpha_pattern = {re.escape(p): pattern_value(config.get("alpha_pattern") or {}, p, alpha_default)
+                     for p in factors}
+    alpha_pattern = {k: v for k, v in alpha_pattern.items() if v != alpha_default}
+    module_params = sorted(extra)
+    unfrozen = ["deltas", *sorted({name.rsplit(".", 1)[0] for name in module_params})]
+    kwargs = dict(lora_r=rank_default, lora_alpha=alpha_default, lora_dropout=config.get("lora_dropout", 0.0),
+                  modified_modules=sorted(factors), common_structure=False, exclude_modules=[],
+                  unfrozen_modules=unfrozen, use_rslora=bool(config.get("use_rslora", False)),
+                  rank_pattern=rank_pattern, alpha_pattern=alpha_pattern)
+    kwargs.update(overrides)
+    try:
+        delta = LoraModel(backbone_model, **kwargs)
+    except ValueError as err:
+        raise CheckpointError(f"cannot attach the PEFT adapter in {str(path)!r}: {err}") from None
+    ours: dict[str, torch.Tensor] = {}
+    for slot in delta.slots:
+        if slot.path in factors:
+            ours[f"{slot.path}.{slot.child_name}.lora_A"] = factors[slot.path]["A"]
+            ours[f"{slot.path}.{slot.child_name}.lora_B"] = factors[slot.path]["B"]
+    ours.update(extra)
+    try:
+        delta.load_delta_state_dict(ours, expected_targets=sorted(factors), source=str(weights))
+    except BaseException:
+        delta.remove()
+        raise
+    logger.info("loaded PEFT LoRA adapter from %s into %d modules", path, len(delta.slots))
+    return delta

@@ -1,0 +1,122 @@
+"""PEFT checkpoints both ways, with the real ``peft`` package: ours saved in PEFT's layout load
+in PEFT and transformers' ``load_adapter``; PEFT's load in ours; the outputs agree."""
+from __future__ import annotations
+
+import json
+import warnings
+
+import pytest
+import torch
+
+peft = pytest.importorskip("peft")
+
+from odelta_fast import AutoDeltaModel, LoraModel  # noqa: E402
+from odelta_fast.checkpoint import CheckpointError  # noqa: E402
+from helpers import main_output, randomize_, routed_modules  # noqa: E402
+from tiny_models import tiny_model  # noqa: E402
+
+CASES = {
+    # arch: (our spec, PEFT target_modules, modules_to_save)
+    "gpt2": (["attn.qkv", "attn.o"], ["c_attn", "attn.c_proj"], None),  # Conv1D: fan_in_fan_out
+    "bert": (["attn.q", "attn.v"], ["query", "value"], ["classifier"]),
+    "llama": (["attn.q", "attn.k", "attn.v", "ff.w2"], ["q_proj", "k_proj", "v_proj", "down_proj"], None),
+    "t5": (["attn.q", "attn.v"], ["q", "v"], None),
+}
+
+
+@pytest.mark.parametrize("use_rslora", [False, True])
+@pytest.mark.parametrize("arch", sorted(CASES))
+def test_ours_saved_as_peft_loads_in_peft_with_equal_outputs(arch, use_rslora, tmp_path):
+    spec, _, to_save = CASES[arch]
+    model, inputs = tiny_model(arch)
+    unfrozen = ["deltas", *(to_save or [])]
+    delta = LoraModel(model, lora_r=4, lora_alpha=8, modified_modules=spec, use_rslora=use_rslora,
+                      unfrozen_modules=unfrozen)
+    randomize_(delta.parameters())
+    if to_save:
+        randomize_(model.classifier.parameters(), seed=9)
+    expected = main_output(model, inputs)
+    delta.save_finetuned(str(tmp_path), format="peft")
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["fan_in_fan_out"] == (arch == "gpt2")
+
+    base, _ = tiny_model(arch)
+    if to_save:
+        randomize_(base.classifier.parameters(), seed=123)  # must be overwritten by modules_to_save
+    peft_model = peft.PeftModel.from_pretrained(base, str(tmp_path))
+    assert torch.allclose(main_output(peft_model, inputs), expected, atol=1e-5, rtol=1e-4)
+
+    if arch in ("llama", "gpt2"):  # transformers' own loader
+        hf, _ = tiny_model(arch)
+        hf.load_adapter(str(tmp_path))
+        assert torch.allclose(main_output(hf, inputs), expected, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("arch", sorted(CASES))
+def test_peft_saved_loads_in_ours_with_equal_outputs(arch, tmp_path):
+    _, targets, to_save = CASES[arch]
+    base, inputs = tiny_model(arch)
+    first = targets[0]
+    config = peft.LoraConfig(r=4, lora_alpha=16, target_modules=targets, modules_to_save=to_save,
+                             init_lora_weights=False,  # random A and B, so the delta matters
+                             rank_pattern={first: 2}, alpha_pattern={first: 3}, use_rslora=(arch == "llama"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # PEFT's fan_in_fan_out notice for Conv1D
+        peft_model = peft.get_peft_model(base, config)
+    if to_save:
+        randomize_(peft_model.base_model.model.classifier.modules_to_save.parameters(), seed=4)
+    expected = main_output(peft_model, inputs)
+    peft_model.save_pretrained(str(tmp_path))
+
+    fresh, _ = tiny_model(arch)
+    delta = AutoDeltaModel.from_finetuned(str(tmp_path), fresh)  # recognised by peft_type
+    assert isinstance(delta, LoraModel)
+    assert torch.allclose(main_output(fresh, inputs), expected, atol=1e-5, rtol=1e-4)
+    ranks = {s.delta.r for s in delta.slots}
+    assert ranks == {2, 4}
+
+    # ... and round-trips through our own format exactly.
+    delta.save_finetuned(str(tmp_path / "ours"))
+    again, _ = tiny_model(arch)
+    AutoDeltaModel.from_finetuned(str(tmp_path / "ours"), again)
+    assert torch.equal(main_output(again, inputs), main_output(fresh, inputs))
+
+
+def test_unsupported_peft_types_and_features_raise_clearly(tmp_path):
+    (tmp_path / "prefix").mkdir()
+    (tmp_path / "prefix" / "adapter_config.json").write_text(json.dumps({"peft_type": "PREFIX_TUNING"}))
+    model, _ = tiny_model("llama")
+    with pytest.raises(CheckpointError, match="PREFIX_TUNING"):
+        AutoDeltaModel.from_finetuned(str(tmp_path / "prefix"), model)
+    (tmp_path / "dora").mkdir()
+    (tmp_path / "dora" / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "use_dora": True}))
+    with pytest.raises(CheckpointError, match="DoRA"):
+        LoraModel.from_peft(str(tmp_path / "dora"), model)
+    assert routed_modules(model) == []
+
+
+def test_unknown_config_keys_warn_and_mismatch_leaves_backbone_untouched(tmp_path):
+    base, inputs = tiny_model("llama")
+    peft_model = peft.get_peft_model(base, peft.LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False))
+    peft_model.save_pretrained(str(tmp_path))
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    config["a_key_from_the_future"] = 1
+    (tmp_path / "adapter_config.json").write_text(json.dumps(config))
+    fresh, _ = tiny_model("llama")
+    with pytest.warns(UserWarning, match="a_key_from_the_future"):
+        LoraModel.from_peft(str(tmp_path), fresh)
+    other, _ = tiny_model("llama", hidden_size=48)
+    before = main_output(other, inputs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(CheckpointError, match="q_proj"):
+            LoraModel.from_peft(str(tmp_path), other)
+    assert routed_modules(other) == [] and torch.equal(main_output(other, inputs), before)
+
+
+def test_non_lora_delta_cannot_be_saved_as_peft(tmp_path):
+    from odelta_fast import AdapterModel
+
+    model, _ = tiny_model("llama")
+    with pytest.raises(ValueError, match="LoRA deltas only"):
+        AdapterModel(model).save_finetuned(str(tmp_path), format="peft")
