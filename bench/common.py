@@ -1,0 +1,139 @@
+"""Shared benchmark machinery: timing, device ceilings, FLOP / byte accounting, result rows.
+
+Every figure is a median of many runs (``triton.testing.do_bench`` on CUDA, wall clock on CPU),
+and every speed claim is a ratio against a reference measured in the same run.
+"""
+from __future__ import annotations
+
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Optional
+
+import torch
+
+
+def device_of(name: Optional[str] = None) -> torch.device:
+    if name:
+        return torch.device(name)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_ms(fn: Callable[[], object], device: torch.device, *, reps: int = 50, warmup: int = 5) -> dict:
+    """Median (and 20th / 80th percentile) milliseconds per call of ``fn``."""
+    if device.type == "cuda":
+        from triton.testing import do_bench
+
+        p50, p20, p80 = do_bench(fn, warmup=25, rep=max(reps, 100), quantiles=[0.5, 0.2, 0.8])
+        return {"ms": p50, "ms_p20": p20, "ms_p80": p80}
+    for _ in range(warmup):
+        fn()
+    samples = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - start) * 1e3)
+    samples.sort()
+    return {"ms": statistics.median(samples), "ms_p20": samples[len(samples) // 5],
+            "ms_p80": samples[(4 * len(samples)) // 5]}
+
+
+def measure_ceilings(device: torch.device, small: bool = False) -> dict:
+    """The device's practical limits, measured now: a large bf16 GEMM and a device-to-device copy."""
+    n = 1024 if small or device.type != "cuda" else 8192
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    gemm = time_ms(lambda: a @ b, device, reps=10 if device.type != "cuda" else 50, warmup=2)
+    numel = (1 << 20 if small or device.type != "cuda" else 1 << 30) // 2
+    src = torch.empty(numel, device=device, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
+    dst = torch.empty_like(src)
+    copy = time_ms(lambda: dst.copy_(src), device, reps=20, warmup=2)
+    copy_bytes = 2 * src.numel() * src.element_size()  # read and write
+    return {
+        "gemm_shape": [n, n, n], "gemm_dtype": str(dtype).replace("torch.", ""),
+        "gemm_tflops": 2 * n**3 / (gemm["ms"] * 1e-3) / 1e12,
+        "copy_bytes": copy_bytes,
+        "copy_gbps": copy_bytes / (copy["ms"] * 1e-3) / 1e9,
+    }
+
+
+def environment(device: torch.device) -> dict:
+    info = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or "cpu"),
+        "device_type": device.type,
+        "platform": platform.platform(),
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "threads": torch.get_num_threads(),
+    }
+    for package in ("triton", "transformers", "peft"):
+        try:
+            info[package] = __import__(package).__version__
+        except ImportError:
+            info[package] = None
+    if device.type == "cuda":
+        try:
+            info["driver"] = subprocess.run(
+                ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                capture_output=True, text=True, timeout=10,
+            ).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            info["driver"] = None
+    return info
+
+
+@dataclass
+class Row:
+    """One measured configuration of one provider."""
+
+    suite: str
+    provider: str
+    mode: str
+    shape: dict
+    dtype: str
+    ms: float
+    ms_p20: float
+    ms_p80: float
+    flops: float
+    bytes: float
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def tflops(self) -> float:
+        return self.flops / (self.ms * 1e-3) / 1e12
+
+    @property
+    def gbps(self) -> float:
+        return self.bytes / (self.ms * 1e-3) / 1e9
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d.update(tflops=self.tflops, gbps=self.gbps)
+        return d
+
+
+def add_ratios(rows: list[dict], ceilings: dict) -> None:
+    """Ratios against the references of the same configuration (same suite, mode, shape, dtype)."""
+    def key(r):
+        return (r["suite"], r["mode"], tuple(sorted(r["shape"].items())), r["dtype"])
+
+    by_key: dict = {}
+    for row in rows:
+        by_key.setdefault(key(row), {})[row["provider"]] = row
+    for row in rows:
+        peers = by_key[key(row)]
+        for ref in ("base", "eager", "peft", "copy"):
+            if ref in peers and peers[ref] is not row:
+                row[f"ratio_vs_{ref}"] = row["ms"] / peers[ref]["ms"]
+        row["fraction_of_gemm_peak"] = row["tflops"] / ceilings["gemm_tflops"] if ceilings.get("gemm_tflops") else None
+        row["fraction_of_copy_bw"] = row["gbps"] / ceilings["copy_gbps"] if ceilings.get("copy_gbps") else None

@@ -1,0 +1,165 @@
+"""Kernel benchmarks: LoRA linear, adapter, bias, merge, each against its references.
+
+Providers per op:
+  base    the frozen layer alone (the floor a fused delta is measured against)
+  eager   odelta_fast's eager op path
+  triton  the fused Triton kernels (CUDA only; the CPU interpreter is for correctness, not speed)
+  cuda    the CUDA C++ extension where the op has one
+  peft    PEFT's LoRA layer (LoRA only)
+  copy    a device copy of the same tensor (merge only: the bandwidth ceiling)
+"""
+from __future__ import annotations
+
+import collections
+import math
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+
+from common import Row, time_ms
+
+LORA_FULL = dict(M=[2048, 8192, 16384], KN=[(4096, 4096), (4096, 11008)], r=[8, 16, 64], dropout=[0.0, 0.05])
+LORA_SMALL = dict(M=[64, 256], KN=[(128, 128), (128, 352)], r=[8], dropout=[0.0, 0.05])
+
+
+def _providers(device: torch.device, wanted: list[str] | None, available: list[str]) -> list[str]:
+    from odelta_fast.ops.backend import triton_available
+
+    usable = [p for p in available if not (p == "triton" and (device.type != "cuda" or not triton_available()))]
+    return [p for p in usable if wanted is None or p in wanted]
+
+
+def _peft_lora_layer(weight: torch.Tensor, r: int, alpha: float, dropout: float):
+    import peft
+
+    linear = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False, device=weight.device, dtype=weight.dtype)
+    linear.weight.data.copy_(weight)
+    model = torch.nn.Sequential(collections.OrderedDict(proj=linear))
+    wrapped = peft.get_peft_model(model, peft.LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout,
+                                                         target_modules=["proj"], init_lora_weights=False))
+    return wrapped.to(device=weight.device, dtype=weight.dtype)
+
+
+def _fwd_bwd(fn, x, dy, params):
+    def run():
+        x.grad = None
+        for p in params:
+            p.grad = None
+        fn(x).backward(dy)
+    return run
+
+
+def lora_rows(device, dtype, small: bool, providers=None) -> Iterator[Row]:
+    from odelta_fast import ops
+
+    grid = LORA_SMALL if small else LORA_FULL
+    names = _providers(device, providers, ["base", "eager", "triton", "peft"])
+    for (K, N) in grid["KN"]:
+        for r in grid["r"]:
+            for p in grid["dropout"]:
+                for M in grid["M"]:
+                    gen = torch.Generator(device=device).manual_seed(0)
+                    x = torch.randn(M, K, device=device, dtype=dtype, generator=gen).requires_grad_()
+                    w = torch.randn(N, K, device=device, dtype=dtype, generator=gen) / math.sqrt(K)
+                    a = (torch.randn(r, K, device=device, dtype=dtype, generator=gen) / math.sqrt(K)).requires_grad_()
+                    b = (torch.randn(N, r, device=device, dtype=dtype, generator=gen) / math.sqrt(r)).requires_grad_()
+                    dy = torch.randn(M, N, device=device, dtype=dtype, generator=gen)
+                    es = x.element_size()
+                    shape = {"M": M, "K": K, "N": N, "r": r, "dropout": p}
+                    for provider in names:
+                        if provider == "base":
+                            fn, params, flops_lora = (lambda t: F.linear(t, w)), [], 0
+                        elif provider == "peft":
+                            layer = _peft_lora_layer(w, r, 2 * r, p).train()
+                            params = [q for q in layer.parameters() if q.requires_grad]
+                            fn, flops_lora = layer, 1
+                        else:
+                            fn = (lambda t, prov=provider: ops.lora_linear(t, w, None, a, b, 2.0, p, backend=prov))
+                            params, flops_lora = [a, b], 1
+                        fwd_flops = 2 * M * N * K + flops_lora * (2 * M * K * r + 2 * M * N * r)
+                        bwd_flops = 2 * M * N * K + flops_lora * (4 * M * N * r + 4 * M * K * r)
+                        with torch.no_grad():
+                            t = time_ms(lambda: fn(x), device, reps=20 if device.type != "cuda" else 100)
+                        yield Row("lora", provider, "fwd", shape, str(dtype)[6:], t["ms"], t["ms_p20"], t["ms_p80"],
+                                  fwd_flops, (M * K + N * K + M * N) * es)
+                        t = time_ms(_fwd_bwd(fn, x, dy, params), device, reps=20 if device.type != "cuda" else 100)
+                        yield Row("lora", provider, "fwd+bwd", shape, str(dtype)[6:], t["ms"], t["ms_p20"], t["ms_p80"],
+                                  fwd_flops + bwd_flops, (M * K + N * K + M * N) * es + (M * N + N * K + 2 * M * K) * es)
+
+
+def adapter_rows(device, dtype, small: bool, providers=None) -> Iterator[Row]:
+    from odelta_fast import ops
+
+    d, bottleneck = (128, 16) if small else (4096, 64)
+    names = _providers(device, providers, ["eager", "triton"])
+    for M in ([64, 256] if small else [2048, 8192, 16384]):
+        gen = torch.Generator(device=device).manual_seed(0)
+        h = torch.randn(M, d, device=device, dtype=dtype, generator=gen).requires_grad_()
+        down = (torch.randn(bottleneck, d, device=device, dtype=dtype, generator=gen) / math.sqrt(d)).requires_grad_()
+        up = (torch.randn(d, bottleneck, device=device, dtype=dtype, generator=gen) / math.sqrt(bottleneck)).requires_grad_()
+        db = torch.zeros(bottleneck, device=device, dtype=dtype, requires_grad=True)
+        ub = torch.zeros(d, device=device, dtype=dtype, requires_grad=True)
+        dy = torch.randn(M, d, device=device, dtype=dtype, generator=gen)
+        es = h.element_size()
+        flops = 4 * M * d * bottleneck
+        for provider in names:
+            fn = (lambda t, prov=provider: ops.adapter_bottleneck(t, down, db, up, ub, residual=t, backend=prov))
+            shape = {"M": M, "d": d, "bottleneck": bottleneck}
+            with torch.no_grad():
+                t = time_ms(lambda: fn(h), device)
+            yield Row("adapter", provider, "fwd", shape, str(dtype)[6:], t["ms"], t["ms_p20"], t["ms_p80"],
+                      flops, 2 * M * d * es)
+            t = time_ms(_fwd_bwd(fn, h, dy, [down, up, db, ub]), device)
+            yield Row("adapter", provider, "fwd+bwd", shape, str(dtype)[6:], t["ms"], t["ms_p20"], t["ms_p80"],
+                      3 * flops, 5 * M * d * es)
+
+
+def bias_rows(device, dtype, small: bool, providers=None) -> Iterator[Row]:
+    from odelta_fast import ops
+
+    N = 128 if small else 4096
+    names = _providers(device, providers, ["eager", "triton"])
+    for M in ([64, 256] if small else [2048, 8192, 16384]):
+        y = torch.randn(M, N, device=device, dtype=dtype).requires_grad_()
+        bias = torch.zeros(N, device=device, dtype=dtype, requires_grad=True)
+        dy = torch.randn(M, N, device=device, dtype=dtype)
+        es = y.element_size()
+        for provider in names:
+            fn = (lambda t, prov=provider: ops.bias_add(t, bias, backend=prov))
+            with torch.no_grad():
+                t = time_ms(lambda: fn(y), device)
+            yield Row("bias", provider, "fwd", {"M": M, "N": N}, str(dtype)[6:], t["ms"], t["ms_p20"], t["ms_p80"],
+                      M * N, 2 * M * N * es)
+            t = time_ms(_fwd_bwd(fn, y, dy, [bias]), device)
+            yield Row("bias", provider, "fwd+bwd", {"M": M, "N": N}, str(dtype)[6:], t["ms"], t["ms_p20"],
+                      t["ms_p80"], 2 * M * N, 3 * M * N * es)
+
+
+def merge_rows(device, dtype, small: bool, providers=None) -> Iterator[Row]:
+    from odelta_fast import ops
+
+    names = _providers(device, providers, ["copy", "eager", "triton", "cuda"])
+    if "cuda" in names:
+        from odelta_fast.ops.merge import merge_backends
+
+        if "cuda" not in merge_backends() or device.type != "cuda":
+            names.remove("cuda")
+    for (N, K) in ([(128, 128)] if small else [(4096, 4096), (11008, 4096)]):
+        for r in ([8] if small else [16, 64]):
+            w = torch.randn(N, K, device=device, dtype=dtype)
+            a = torch.randn(r, K, device=device, dtype=dtype) / math.sqrt(K)
+            b = torch.randn(N, r, device=device, dtype=dtype) / math.sqrt(r)
+            es = w.element_size()
+            moved = 2 * N * K * es + (N * r + r * K) * es
+            for provider in names:
+                if provider == "copy":
+                    dst = torch.empty_like(w)
+                    t = time_ms(lambda: dst.copy_(w), device)
+                else:
+                    t = time_ms(lambda prov=provider: ops.lora_merge_(w, a, b, 1e-3, backend=prov), device)
+                yield Row("merge", provider, "merge", {"N": N, "K": K, "r": r}, str(dtype)[6:], t["ms"], t["ms_p20"],
+                          t["ms_p80"], 2 * N * K * r + N * K, moved)
+
+
+SUITES = {"lora": lora_rows, "adapter": adapter_rows, "bias": bias_rows, "merge": merge_rows}

@@ -1,0 +1,178 @@
+"""Run the benchmark suite and publish it: ``bench/results/<date>-<device>.{json,md,png,log}``,
+and (``--update-readme``) the README's performance section, generated from the newest results.
+
+    python bench/run.py                       # full suite on the GPU
+    python bench/run.py --small --out /tmp/x  # toy sizes (CPU smoke run)
+    python bench/run.py --report-only         # regenerate table, plot and README from the newest JSON
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as dt
+import io
+import json
+import re
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import torch  # noqa: E402
+
+from common import add_ratios, device_of, environment, measure_ceilings  # noqa: E402
+
+RESULTS = HERE / "results"
+README = HERE.parent / "README.md"
+MARK_START, MARK_END = "<!-- perf:start -->", "<!-- perf:end -->"
+
+
+class Tee(io.TextIOBase):
+    def __init__(self, *streams):
+        self.streams = streams
+
+    def write(self, text):
+        for s in self.streams:
+            s.write(text)
+        return len(text)
+
+    def flush(self):
+        for s in self.streams:
+            s.flush()
+
+
+def run_suites(device, small: bool, suites: list[str], providers, e2e: bool) -> dict:
+    from kernels import SUITES
+
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    record = {"date": dt.date.today().isoformat(), "environment": environment(device), "small": small,
+              "ceilings": measure_ceilings(device, small), "rows": [], "e2e": None}
+    c = record["ceilings"]
+    print(f"ceilings: {c['gemm_tflops']:.1f} TFLOP/s ({c['gemm_dtype']} GEMM {c['gemm_shape']}), "
+          f"copy {c['copy_gbps']:.0f} GB/s")
+    for name in suites:
+        for row in SUITES[name](device, dtype, small, providers):
+            d = row.to_dict()
+            record["rows"].append(d)
+            print(f"{d['suite']:8} {d['mode']:8} {d['provider']:7} {json.dumps(d['shape']):60} "
+                  f"{d['ms']:9.3f} ms {d['tflops']:8.2f} TFLOP/s {d['gbps']:8.1f} GB/s", flush=True)
+    add_ratios(record["rows"], record["ceilings"])
+    if e2e:
+        from e2e_train import e2e_rows
+
+        record["e2e"] = e2e_rows(device, small)
+        for r in record["e2e"]:
+            print(f"e2e {r['provider']:12} {r['tokens_per_s']:10.0f} tokens/s  peak {r['peak_memory_bytes']}")
+    return record
+
+
+def markdown(record: dict) -> str:
+    env = record["environment"]
+    lines = [f"Device: {env['device']} (driver {env.get('driver')}), torch {env['torch']}, Triton {env.get('triton')}, "
+             f"CUDA {env.get('cuda')}; measured {record['date']}. Ceilings measured in the same run: "
+             f"{record['ceilings']['gemm_tflops']:.0f} TFLOP/s GEMM, {record['ceilings']['copy_gbps']:.0f} GB/s copy.",
+             "", "| suite | mode | shape | provider | ms | TFLOP/s | GB/s | vs base | vs eager | vs PEFT | vs copy |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+
+    def fmt(value, spec=".2f"):
+        return "" if value is None else format(value, spec)
+
+    for r in record["rows"]:
+        shape = ", ".join(f"{k}={v}" for k, v in r["shape"].items())
+        lines.append(f"| {r['suite']} | {r['mode']} | {shape} | {r['provider']} | {r['ms']:.3f} | {r['tflops']:.1f} | "
+                     f"{r['gbps']:.0f} | {fmt(r.get('ratio_vs_base'))} | {fmt(r.get('ratio_vs_eager'))} | "
+                     f"{fmt(r.get('ratio_vs_peft'))} | {fmt(r.get('ratio_vs_copy'))} |")
+    if record.get("e2e"):
+        lines += ["", "| end-to-end training | tokens/s | peak memory (GiB) | vs PEFT |", "|---|---|---|---|"]
+        for r in record["e2e"]:
+            peak = r["peak_memory_bytes"] / 2**30 if r["peak_memory_bytes"] else None
+            lines.append(f"| {r['provider']} | {r['tokens_per_s']:.0f} | {fmt(peak)} | "
+                         f"{fmt(r.get('speedup_vs_peft'))}x speed, {fmt(r.get('memory_vs_peft'))}x memory |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(record: dict, path: Path) -> bool:
+    """Time against M per provider for the LoRA layer, one panel per (K, N, r) at dropout 0."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    rows = [r for r in record["rows"] if r["suite"] == "lora" and r["mode"] == "fwd+bwd" and r["shape"]["dropout"] == 0]
+    panels = sorted({(r["shape"]["K"], r["shape"]["N"], r["shape"]["r"]) for r in rows})
+    if not panels:
+        return False
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.4), squeeze=False)
+    for ax, (K, N, rank) in zip(axes[0], panels):
+        for provider in sorted({r["provider"] for r in rows}):
+            pts = sorted((r["shape"]["M"], r["ms"]) for r in rows
+                         if r["provider"] == provider and (r["shape"]["K"], r["shape"]["N"], r["shape"]["r"]) == (K, N, rank))
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=provider)
+        ax.set(title=f"LoRA fwd+bwd K={K} N={N} r={rank}", xlabel="M (tokens)", ylabel="ms", xscale="log", yscale="log")
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0][0].legend()
+    fig.suptitle(f"{record['environment']['device']} - {record['date']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def update_readme(record_path: Path, md: str) -> None:
+    text = README.read_text()
+    section = (f"{MARK_START}\nGenerated by `python bench/run.py` from "
+               f"[`{record_path.relative_to(HERE.parent)}`]({record_path.relative_to(HERE.parent)}).\n\n{md}{MARK_END}")
+    if MARK_START in text:
+        text = re.sub(re.escape(MARK_START) + ".*?" + re.escape(MARK_END), lambda m: section, text, flags=re.S)
+    else:
+        text = text.rstrip() + "\n\n" + section + "\n"
+    README.write_text(text)
+
+
+def newest_result() -> Path:
+    files = sorted(RESULTS.glob("*-*.json"), key=lambda p: p.stat().st_mtime)
+    files = [f for f in files if "cpu-train-step" not in f.name]
+    if not files:
+        raise SystemExit(f"no results in {RESULTS}; run the suite first")
+    return files[-1]
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--small", action="store_true", help="toy sizes (CPU smoke run)")
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--suites", nargs="+", default=["lora", "adapter", "bias", "merge"])
+    parser.add_argument("--providers", nargs="+", default=None)
+    parser.add_argument("--no-e2e", action="store_true")
+    parser.add_argument("--out", default=str(RESULTS))
+    parser.add_argument("--update-readme", action="store_true")
+    parser.add_argument("--report-only", action="store_true")
+    args = parser.parse_args(argv)
+
+    if args.report_only:
+        path = newest_result()
+        record = json.loads(path.read_text())
+    else:
+        device = device_of(args.device)
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        tag = re.sub(r"[^A-Za-z0-9]+", "-", environment(device)["device"]).strip("-").lower() or "cpu"
+        path = out / f"{dt.date.today().isoformat()}-{tag}{'-small' if args.small else ''}.json"
+        with open(path.with_suffix(".log"), "w") as log, contextlib.redirect_stdout(Tee(sys.stdout, log)):
+            record = run_suites(device, args.small, args.suites, args.providers, e2e=not args.no_e2e)
+        path.write_text(json.dumps(record, indent=1) + "\n")
+    md = markdown(record)
+    path.with_suffix(".md").write_text(md)
+    plotted = plot(record, path.with_suffix(".png"))
+    print(f"wrote {path} (+ .md, .log{', .png' if plotted else ''})")
+    if args.update_readme:
+        update_readme(path, md)
+        print(f"updated the performance section of {README}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
