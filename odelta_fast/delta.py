@@ -26,6 +26,8 @@ DELTAS_TOKEN = "deltas"  # in unfrozen_modules / freeze_module(exclude=...): thi
 REGISTRY_ATTR = "_odelta_deltas"
 DELTA_PARAM_ATTR = "_odelta_delta_name"
 ORIGINAL_STATE_DICT_ATTR = "_odelta_state_dict_filter"
+LOAD_HOOKS_ATTR = "_odelta_load_hooks"
+LOAD_PREFIX_ATTR = "_odelta_load_prefix"
 
 
 class DeltaModule(nn.Module):
@@ -58,8 +60,8 @@ class DeltaModule(nn.Module):
         device = next((p.device for p in self.parameters()), torch.device("cpu"))
         try:
             return resolve_backend(type(self).__name__, self.backend, device, implemented=self.implemented_backends())
-        except ValueError as err:
-            return f"unavailable ({err})"
+        except ValueError:
+            return f"{self.backend} unavailable"
 
     def implemented_backends(self) -> tuple[str, ...]:
         return ()
@@ -212,7 +214,7 @@ class DeltaBase:
     def named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
         for slot in self.slots:
             for name, param in slot.delta.named_parameters():
-                yield f"{slot.path}.{slot.child_name}.{name}", param
+                yield ".".join(part for part in (slot.path, slot.child_name, name) if part), param
 
     def parameters(self) -> Iterator[nn.Parameter]:
         for _, param in self.named_parameters():
@@ -307,6 +309,7 @@ class DeltaBase:
         keyed by their names in the backbone."""
         tensors = {name: p.detach() for name, p in self.named_parameters()}
         tensors.update({name: p.detach() for name, p in self._unfrozen_backbone_parameters(self.unfrozen_modules).items()})
+        _refuse_sharded(tensors)
         return tensors
 
     def save_finetuned(self, finetuned_delta_path: str = "./delta_checkpoints/", **kwargs) -> str:
@@ -400,6 +403,18 @@ class DeltaBase:
         return f"{type(self).__name__}(name={self.name!r}, targets={len(self.slots)}, {state})"
 
 
+def _refuse_sharded(tensors: dict[str, torch.Tensor]) -> None:
+    # A DTensor's local shard is not the parameter, and gathering it is a collective that every
+    # rank must join; a rank-0-only save would write garbage or hang, so say what to call instead.
+    for name, tensor in tensors.items():
+        if hasattr(tensor, "full_tensor") and hasattr(tensor, "placements"):
+            raise RuntimeError(
+                f"{name} is sharded (a DTensor, e.g. under FSDP2's fully_shard); call "
+                "odelta_fast.integrations.distributed.save_finetuned(delta, path) or "
+                "full_delta_state_dict(delta) on every rank instead"
+            )
+
+
 # ---------------------------------------------------------------------- state_dict filter
 def _trainable_or_delta_keys(model: nn.Module) -> set[str]:
     return {n for n, p in model.named_parameters() if p.requires_grad or hasattr(p, DELTA_PARAM_ATTR)}
@@ -410,22 +425,46 @@ def _filtered_state_dict(self, *args, **kwargs):
     prefix = kwargs.get("prefix", args[1] if len(args) > 1 else "")
     keep = {prefix + k for k in _trainable_or_delta_keys(self)}
     for key in list(full):
-        if key not in keep:
+        # Inside a wrapper (DDP's ``module.``, a user's container) ``full`` is the caller's
+        # destination: keys outside ``prefix`` are siblings' and not ours to drop.
+        if key.startswith(prefix) and key not in keep:
             del full[key]
     return full
 
 
+def _remember_load_prefix(module, state_dict, prefix, *args):
+    module.__dict__[LOAD_PREFIX_ATTR] = prefix
+
+
+def _forgive_filtered_keys(module, incompatible_keys):
+    # What the filtered state_dict() leaves out must not count as missing when it is loaded back:
+    # the Trainer's resume would warn about every backbone weight, and strict loads (accelerate's
+    # load_state, load_state_dict(state_dict())) would fail.
+    prefix = module.__dict__.pop(LOAD_PREFIX_ATTR, "")
+    saved = _trainable_or_delta_keys(module)
+    incompatible_keys.missing_keys[:] = [
+        k for k in incompatible_keys.missing_keys if not k.startswith(prefix) or k[len(prefix):] in saved
+    ]
+
+
 def install_state_dict_filter(model: nn.Module) -> None:
     """Make ``model.state_dict()`` return only trainable and delta tensors (computed at call
-    time, so it follows later freezing). Idempotent."""
+    time, so it follows later freezing), and ``load_state_dict`` accept what it returns: frozen
+    backbone tensors absent from a loaded dict are not reported missing. Idempotent."""
     import types
 
     if model.__dict__.get(ORIGINAL_STATE_DICT_ATTR):
         return
     model.__dict__[ORIGINAL_STATE_DICT_ATTR] = True
     model.state_dict = types.MethodType(_filtered_state_dict, model)
+    register_pre = getattr(model, "register_load_state_dict_pre_hook", None)
+    pre = register_pre(_remember_load_prefix) if register_pre else model._register_load_state_dict_pre_hook(
+        _remember_load_prefix, with_module=True)
+    model.__dict__[LOAD_HOOKS_ATTR] = (pre, model.register_load_state_dict_post_hook(_forgive_filtered_keys))
 
 
 def remove_state_dict_filter(model: nn.Module) -> None:
     if model.__dict__.pop(ORIGINAL_STATE_DICT_ATTR, False):
         del model.__dict__["state_dict"]
+        for handle in model.__dict__.pop(LOAD_HOOKS_ATTR, ()):
+            handle.remove()

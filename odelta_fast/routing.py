@@ -26,7 +26,22 @@ from torch import nn
 
 ROUTES_ATTR = "_odelta_routes"
 SAVED_FORWARD_ATTR = "_odelta_saved_forward"
-_NO_INSTANCE_FORWARD = object()
+
+
+class _NoInstanceForward:
+    """Marks "the module had no instance-level forward"; survives deepcopy and pickle as itself."""
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def __copy__(self):
+        return self
+
+    def __reduce__(self):
+        return "_NO_INSTANCE_FORWARD"
+
+
+_NO_INSTANCE_FORWARD = _NoInstanceForward()
 
 ROUTE_KINDS = ("replace", "parallel", "sequential", "pre")
 

@@ -47,9 +47,11 @@ def _label(name: str, module: nn.Module, with_backend: bool) -> Text:
     for pname, param in module.named_parameters(recurse=False):
         text.append(f" {pname}:[{','.join(map(str, param.shape))}]", style=_param_style(param))
     if with_backend and routing.is_routed(module):
-        for delta in routing.routes(module):
-            state = "merged" if getattr(delta, "merged", False) else delta.backend_for(module)
-            text.append(f" <{type(delta).__name__}: {state}>", style=STYLE_DELTA)
+        routed = {id(d) for d in routing.routes(module)}
+        for child_name, delta in module.named_children():
+            if id(delta) in routed:
+                state = "merged" if getattr(delta, "merged", False) else delta.backend_for(module)
+                text.append(f" [{child_name}: {state}]", style=STYLE_DELTA)
     return text
 
 

@@ -192,3 +192,15 @@ def test_deepcopy_of_a_routed_model_routes_through_its_own_deltas():
         for p in delta.parameters():
             p.zero_()
     assert not torch.allclose(main_output(clone, inputs), main_output(model, inputs))
+
+
+def test_deepcopy_and_pickle_keep_routes_that_call_the_original_forward():
+    import copy
+    import pickle
+
+    model, inputs = tiny_model("llama")
+    delta = AdapterModel(model, bottleneck_dim=4)  # sequential: calls the original forward
+    randomize_(delta.parameters())
+    expected = main_output(model, inputs)
+    assert torch.equal(main_output(copy.deepcopy(model), inputs), expected)
+    assert torch.equal(main_output(pickle.loads(pickle.dumps(model)), inputs), expected)
