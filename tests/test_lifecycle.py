@@ -204,3 +204,15 @@ def test_deepcopy_and_pickle_keep_routes_that_call_the_original_forward():
     expected = main_output(model, inputs)
     assert torch.equal(main_output(copy.deepcopy(model), inputs), expected)
     assert torch.equal(main_output(pickle.loads(pickle.dumps(model)), inputs), expected)
+
+
+@pytest.mark.parametrize("make", [
+    lambda m: LoraModel(m), lambda m: AdapterModel(m, bottleneck_dim=4), lambda m: BitFitModel(m),
+    lambda m: ParallelAdapterModel(m, bottleneck_dim=4), lambda m: LowRankAdapterModel(m, reduction_factor=8),
+])
+def test_moving_a_backbone_with_deltas_moves_the_deltas(make):
+    model, inputs = tiny_model("llama")
+    delta = make(model)
+    model.to(torch.float64)  # nn.Module._apply must not be shadowed by a delta module
+    assert all(p.dtype == torch.float64 for p in delta.parameters())
+    assert main_output(model, inputs).dtype == torch.float64

@@ -47,7 +47,7 @@ class AdapterDelta(DeltaModule):
         """``(down (b, d_in), up (d_out, b))`` weights."""
         return self.down_weight, self.up_weight
 
-    def _apply(self, h: torch.Tensor, residual: Optional[torch.Tensor]) -> torch.Tensor:
+    def _bottleneck(self, h: torch.Tensor, residual: Optional[torch.Tensor]) -> torch.Tensor:
         down, up = self.projections()
         ln = self.layer_norm
         return ops.adapter_bottleneck(
@@ -58,11 +58,11 @@ class AdapterDelta(DeltaModule):
         )
 
     def post(self, target, args, kwargs, output):
-        return map_hidden(output, lambda h: self._apply(h, residual=h))
+        return map_hidden(output, lambda h: self._bottleneck(h, residual=h))
 
     def parallel(self, target, args, kwargs):
         h = args[0] if args else next(v for v in kwargs.values() if isinstance(v, torch.Tensor))
-        return self._apply(h, residual=None)
+        return self._bottleneck(h, residual=None)
 
     def implemented_backends(self):
         return ops.adapter.adapter_backends()
