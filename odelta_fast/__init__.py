@@ -31,6 +31,10 @@ def __getattr__(name):
         from .methods.prefix import PrefixModel
 
         return PrefixModel
+    if name == "MultiDelta":
+        from .multi import MultiDelta
+
+        return MultiDelta
     if name == "SoftPromptModel":
         from .methods.soft_prompt import SoftPromptModel
 
@@ -40,6 +44,6 @@ def __getattr__(name):
 
 __all__ = [
     "AdapterModel", "AutoDeltaConfig", "AutoDeltaModel", "BaseDeltaConfig", "BitFitModel", "CompacterModel",
-    "DeltaBase", "LoraModel", "LowRankAdapterModel", "ParallelAdapterModel", "PrefixModel", "SoftPromptModel",
+    "DeltaBase", "LoraModel", "LowRankAdapterModel", "MultiDelta", "ParallelAdapterModel", "PrefixModel", "SoftPromptModel",
     "__version__",
 ]
