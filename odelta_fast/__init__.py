@@ -18,11 +18,19 @@ from .methods.lora import LoraModel
 from .methods.low_rank_adapter import LowRankAdapterModel
 from .methods.parallel_adapter import ParallelAdapterModel
 
+# A library only emits records: no handler beyond NullHandler, and the root logger is left alone.
+# ODELTA_VERBOSITY sets the package level; programs (the CLI) install a handler via logging_utils.
 _logger = _logging.getLogger(__name__)
 _logger.addHandler(_logging.NullHandler())
 if _os.environ.get("ODELTA_VERBOSITY"):
-    _logging.basicConfig()
-    _logger.setLevel(_os.environ["ODELTA_VERBOSITY"].upper())
+    from .logging_utils import parse_level as _parse_level
+
+    try:
+        _logger.setLevel(_parse_level(_os.environ["ODELTA_VERBOSITY"]))
+    except ValueError as _err:  # a typo in an environment variable must not break the import
+        import warnings as _warnings
+
+        _warnings.warn(str(_err), stacklevel=2)
 
 
 def __getattr__(name):
