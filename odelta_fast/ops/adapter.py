@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .backend import resolve_backend
+from .backend import has_dtensor, kernels, resolve_backend
 from .checks import autocast_dtype, check_tensor
 
 OP = "adapter_bottleneck"
@@ -80,12 +80,20 @@ def adapter_bottleneck(
         check_tensor(OP, "residual", residual.to(dtype), (*h.shape[:-1], d_out))
     if layer_norm_weight is not None:
         check_tensor(OP, "layer_norm_weight", layer_norm_weight, (d,))
+    check_tensor(OP, "layer_norm_bias", layer_norm_bias, (d,), optional=True)
     act = activation_fn(activation)
-    resolve_backend(OP, backend, h.device, implemented=adapter_backends())
+    chosen = resolve_backend(OP, backend, h.device, implemented=adapter_backends(), dtype=dtype)
     z = h
     if layer_norm_weight is not None:
+        # The layer norm runs as torch's own kernel before the fused bottleneck (not fused yet).
         z = F.layer_norm(h, (d,), layer_norm_weight.to(dtype),
                          layer_norm_bias.to(dtype) if layer_norm_bias is not None else None, layer_norm_eps)
+    if chosen == "triton" and not has_dtensor(h, down_weight, down_bias, up_weight, up_bias, residual):
+        lead = h.shape[:-1]
+        res2d = residual.to(dtype).reshape(-1, d_out) if residual is not None else None
+        out = kernels("adapter").adapter_bottleneck(
+            z.reshape(-1, d), down_weight, down_bias, up_weight, up_bias, res2d, activation, float(scaling))
+        return out.reshape(*lead, d_out)
     out = F.linear(act(F.linear(z, down_weight, down_bias)), up_weight, up_bias)
     if scaling != 1.0:
         out = out * scaling
@@ -93,4 +101,4 @@ def adapter_bottleneck(
 
 
 def adapter_backends() -> tuple[str, ...]:
-    return ()
+    return ("triton",)

@@ -84,8 +84,28 @@ def resolve_backend(
     return choice
 
 
+def has_dtensor(*tensors) -> bool:
+    """True when any argument is a DTensor (e.g. a parameter sharded by FSDP2's fully_shard).
+
+    Kernels take plain tensors only; a DTensor goes through the eager path, whose torch ops
+    DTensor knows how to shard (and redistribute) itself."""
+    return any(t is not None and hasattr(t, "placements") and hasattr(t, "to_local") for t in tensors)
+
+
+_KERNEL_MODULES: dict[str, ModuleType] = {}
+
+
 def kernels(name: str) -> ModuleType:
-    """The Triton kernel module ``odelta_fast.kernels.<name>``, imported on first use.
+    """The Triton kernel module ``odelta_fast.kernels.<name>``, imported on first use (a plain
+    dict lookup afterwards, which ``torch.compile`` traces without a graph break)."""
+    module = _KERNEL_MODULES.get(name)
+    if module is None:
+        module = _KERNEL_MODULES[name] = _import_kernels(name)
+    return module
+
+
+def _import_kernels(name: str) -> ModuleType:
+    """Import ``odelta_fast.kernels.<name>``.
 
     An installed package maps ``kernels/`` to ``odelta_fast.kernels`` (pyproject package-dir);
     a source checkout that was never installed has the directory beside the package, so the

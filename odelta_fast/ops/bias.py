@@ -1,22 +1,33 @@
-"""Bias delta (BitFit): ``y + bias`` broadcast over the last dimension."""
+"""Bias delta (BitFit): ``y + bias`` broadcast over the last dimension.
+
+Eager: a plain torch add (traceable, so ``torch.compile`` fuses it into whatever produced ``y``).
+Triton: one pass to add; backward passes ``dY`` through untouched and reduces ``db`` in the one
+pass that reads it. Inside LoRA the bias already rides in the GEMM epilogue instead.
+"""
 from __future__ import annotations
 
 from torch import Tensor
 
-from .backend import resolve_backend
+from .backend import has_dtensor, kernels, resolve_backend
 from .checks import check_tensor
 
 OP = "bias_add"
 
 
 def bias_add(y: Tensor, bias: Tensor, *, backend: str = "auto") -> Tensor:
+    """``y (..., N) + bias (N,)``; the result has ``y``'s dtype."""
     check_tensor(OP, "y", y)
+    if y.dim() < 1:
+        raise ValueError(f"{OP}: argument 'y' must have at least one dimension (..., N)")
     check_tensor(OP, "bias", bias, (y.shape[-1],))
     if bias.device != y.device:
         raise ValueError(f"{OP}: argument 'bias' is on {bias.device}; expected {y.device} like 'y'")
-    resolve_backend(OP, backend, y.device, implemented=())
-    return y + bias.to(y.dtype)
+    chosen = resolve_backend(OP, backend, y.device, implemented=bias_backends(), dtype=y.dtype)
+    if chosen == "eager" or has_dtensor(y, bias):
+        return y + bias.to(y.dtype)
+    out = kernels("bias").bias_add(y.reshape(-1, y.shape[-1]), bias)
+    return out.reshape(y.shape)
 
 
 def bias_backends() -> tuple[str, ...]:
-    return ()
+    return ("triton",)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .backend import resolve_backend
+from .backend import has_dtensor, kernels, resolve_backend
 from .checks import check_tensor
 
 OP = "lora_merge_"
@@ -29,12 +29,16 @@ def lora_merge_(
     ``fan_in_fan_out`` as in GPT-2's ``Conv1D``)."""
     if sign not in (1, -1):
         raise ValueError(f"{OP}: argument 'sign' is {sign}; expected 1 (merge) or -1 (unmerge)")
-    n, k = (weight.shape[1], weight.shape[0]) if fan_in_fan_out else tuple(weight.shape)
     check_tensor(OP, "weight", weight, (None, None))
+    n, k = (weight.shape[1], weight.shape[0]) if fan_in_fan_out else tuple(weight.shape)
     check_tensor(OP, "lora_a", lora_a, (None, k))
     check_tensor(OP, "lora_b", lora_b, (n, lora_a.shape[0]))
-    resolve_backend(OP, backend, weight.device, implemented=())
-    delta = lora_delta_weight(lora_a.to(weight.device), lora_b.to(weight.device), scaling, fan_in_fan_out=fan_in_fan_out)
+    lora_a, lora_b = lora_a.to(weight.device), lora_b.to(weight.device)
+    chosen = resolve_backend(OP, backend, weight.device, implemented=merge_backends(), dtype=weight.dtype)
+    if chosen == "triton" and not has_dtensor(weight, lora_a, lora_b):
+        kernels("merge").lora_merge_(weight, lora_a, lora_b, float(sign * scaling), fan_in_fan_out)
+        return weight
+    delta = lora_delta_weight(lora_a, lora_b, scaling, fan_in_fan_out=fan_in_fan_out)
     weight.copy_(weight.float().add_(delta, alpha=sign))
     return weight
 
@@ -47,4 +51,4 @@ def bias_merge_(bias: Tensor, delta: Tensor, *, sign: int = 1) -> Tensor:
 
 
 def merge_backends() -> tuple[str, ...]:
-    return ()
+    return ("triton",)
