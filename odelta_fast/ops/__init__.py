@@ -12,6 +12,7 @@ from .backend import BACKENDS, resolve_backend
 from .bias import bias_add, bias_backends
 from .lora import lora_backends, lora_linear, lora_linear_reference, lora_shrink_grouped
 from .merge import bias_merge_, lora_delta_weight, lora_merge_, merge_backends
+from .multi_lora import multi_lora_backends
 
 # Which backends besides eager implement each op, for ``backend_for`` and ``delta.log()``.
 OP_BACKENDS = {
@@ -20,6 +21,8 @@ OP_BACKENDS = {
     "adapter_bottleneck": adapter_backends,
     "bias_add": bias_backends,
     "lora_merge_": merge_backends,
+    "multi_lora_shrink": multi_lora_backends,
+    "multi_lora_expand": multi_lora_backends,
 }
 
 

@@ -76,6 +76,8 @@ def resolve_backend(
         raise ValueError(f"backend='triton' was requested for {op!r} but triton is not installed")
     if choice == "triton" and dtype is not None and dtype not in TRITON_DTYPES:
         raise ValueError(f"backend='triton' for {op!r} takes float16, bfloat16 or float32 tensors; got {dtype}")
+    if choice == "cuda" and device.type != "cuda":
+        raise ValueError(f"backend='cuda' for {op!r} needs CUDA tensors (got {device.type})")
     if choice == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") != "1":
         raise ValueError(
             f"backend='triton' for {op!r} needs CUDA tensors (got {device.type}); "

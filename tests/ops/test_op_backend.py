@@ -63,3 +63,16 @@ def test_env_override_reaches_the_ops(monkeypatch):
     x = torch.randn(3, 8, device=device, requires_grad=True)
     y = ops.bias_add(x, torch.zeros(8, device=device))
     assert "triton" in type(y.grad_fn.next_functions[0][0]).__name__
+
+
+def test_cuda_backend_on_cpu_tensors_is_a_clear_error():
+    import pytest
+    import torch
+
+    from odelta_fast import ops
+
+    w = torch.randn(8, 4)
+    with pytest.raises(ValueError, match="needs CUDA tensors"):
+        ops.lora_merge_(w, torch.randn(2, 4), torch.randn(8, 2), 1.0, backend="cuda")
+    with pytest.raises(ValueError, match="has no 'cuda' implementation"):
+        ops.lora_linear(torch.randn(3, 4), w, None, torch.randn(2, 4), torch.randn(8, 2), 1.0, backend="cuda")
