@@ -11,6 +11,7 @@ The eager implementation is the specification every other backend is tested agai
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -23,16 +24,33 @@ OP = "lora_linear"
 
 
 # ----------------------------------------------------------------------------- dropout mask
-def dropout_keep_scale(shape, dropout_p: float, seed: int, device, dtype) -> Tensor:
-    """The inverted-dropout multiplier ``mask / (1 - p)`` drawn from ``seed``: the same seed gives
-    the same mask, which is how backward regenerates it without storing it."""
+# The eager mask compares 16-bit lanes of random 64-bit words with a threshold: one generator
+# draw yields four mask elements, measured ~3x cheaper on CPU than torch.rand (the mask is drawn
+# twice per step, forward and backward). The price: the dropout probability is resolved to 2^-16.
+_LANE_LEVELS = 1 << 16
+
+
+def effective_dropout_p(dropout_p: float) -> float:
+    """The probability the eager mask really drops with (``dropout_p`` rounded to 2^-16)."""
+    return round(dropout_p * _LANE_LEVELS) / _LANE_LEVELS
+
+
+def dropout_mask(shape, dropout_p: float, seed: int, device, dtype) -> Tensor:
+    """The 0/1 keep mask drawn from ``seed``: the same seed gives the same mask, which is how
+    backward regenerates it without storing it."""
     generator = torch.Generator(device=device)
     generator.manual_seed(seed)
-    # uniform >= p, compared in place: measured ~1.6x faster than bernoulli_ on CPU, where the
-    # mask is drawn twice per step (forward and backward).
-    wide = dtype if dtype in (torch.float32, torch.float64) else torch.float32
-    keep = torch.rand(shape, device=device, dtype=wide, generator=generator).ge_(dropout_p)
-    return keep.mul_(1.0 / (1.0 - dropout_p)).to(dtype)
+    numel = math.prod(shape)
+    words = torch.randint(-(2**63), 2**63 - 1, ((numel + 3) // 4,), dtype=torch.int64, device=device,
+                          generator=generator)
+    lanes = words.view(torch.int16)[:numel].view(shape)
+    threshold = round(dropout_p * _LANE_LEVELS) - _LANE_LEVELS // 2
+    return (lanes >= threshold).to(dtype)
+
+
+def dropout_keep_scale(shape, dropout_p: float, seed: int, device, dtype) -> Tensor:
+    """The inverted-dropout multiplier ``mask / (1 - p)`` the op applies for ``seed``."""
+    return dropout_mask(shape, dropout_p, seed, device, dtype).mul_(1.0 / (1.0 - effective_dropout_p(dropout_p)))
 
 
 def new_dropout_seed() -> Tensor:
@@ -45,10 +63,10 @@ def new_dropout_seed() -> Tensor:
 _NO_SEED = torch.zeros(1, dtype=torch.int64)
 
 
-def _dropped(x: Tensor, dropout_p: float, seed: Tensor) -> Tensor:
-    if dropout_p == 0.0:
-        return x
-    return x * dropout_keep_scale(x.shape, dropout_p, int(seed.item()), x.device, x.dtype)
+def _masked_x(x: Tensor, dropout_p: float, seed: Tensor) -> Tensor:
+    """``x * mask`` without the ``1 / (1 - p)`` factor, which callers fold into a scalar on the
+    small ``M x r`` side: one pass over ``M x K`` fewer than materialising ``mask / (1 - p)``."""
+    return dropout_mask(x.shape, dropout_p, int(seed.item()), x.device, x.dtype).mul_(x)
 
 
 # ----------------------------------------------------------------------------- eager reference
@@ -73,7 +91,10 @@ def _lora_linear_fwd(
     x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a: Tensor, lora_b: Tensor,
     scaling: float, dropout_p: float, seed: Tensor,
 ) -> tuple[Tensor, Tensor]:
-    xa = _dropped(x, dropout_p, seed) @ lora_a.t()
+    if dropout_p == 0.0:
+        xa = x @ lora_a.t()
+    else:
+        xa = (_masked_x(x, dropout_p, seed) @ lora_a.t()).mul_(1.0 / (1.0 - effective_dropout_p(dropout_p)))
     y = torch.addmm(bias, x, weight.t()) if bias is not None else x @ weight.t()
     y.addmm_(xa, lora_b.t(), alpha=scaling)
     return y, xa
@@ -94,19 +115,21 @@ def _lora_linear_bwd(
     grad_x, grad_weight, grad_bias, grad_a, grad_b = (grad_y.new_empty(0) for _ in range(5))
     # dY B is small (M x r) and shared by dA and the low-rank part of dX.
     gb = grad_y @ lora_b if (need_x or need_lora) else None
-    keep = None
+    mask = None
+    keep_scale = 1.0 / (1.0 - effective_dropout_p(dropout_p))
     if dropout_p > 0.0 and (need_x or need_lora):
-        keep = dropout_keep_scale(x.shape, dropout_p, int(seed.item()), x.device, x.dtype)
-    if need_lora:
-        dropped = x if keep is None else x * keep
-        grad_a = (gb.t() @ dropped).mul_(scaling)
-        grad_b = (grad_y.t() @ xa).mul_(scaling)
+        mask = dropout_mask(x.shape, dropout_p, int(seed.item()), x.device, x.dtype)
     if need_x:
         grad_x = grad_y @ weight
-        if keep is None:
+        if mask is None:
             grad_x.addmm_(gb, lora_a, alpha=scaling)
         else:
-            grad_x.add_((gb @ lora_a).mul_(keep), alpha=scaling)
+            grad_x.addcmul_(gb @ lora_a, mask, value=scaling * keep_scale)  # one pass: mask and add
+    if need_lora:
+        # The mask's last use: turn it into x * mask in place instead of allocating a copy.
+        dropped = x if mask is None else mask.mul_(x)
+        grad_a = (gb.t() @ dropped).mul_(scaling * (keep_scale if mask is not None else 1.0))
+        grad_b = (grad_y.t() @ xa).mul_(scaling)
     if need_weight:
         grad_weight = (grad_y.t() @ x).contiguous()  # mm may hand back a transposed layout
     if need_bias:
@@ -250,8 +273,11 @@ def lora_shrink_grouped(
     if chosen == "eager":
         outs = []
         for a in lora_as:
-            seed = new_dropout_seed() if p > 0.0 else _NO_SEED
-            outs.append(_dropped(x2d, p, seed) @ a.t())
+            dropped = x2d
+            if p > 0.0:
+                keep = dropout_keep_scale(x2d.shape, p, int(new_dropout_seed().item()), x.device, x.dtype)
+                dropped = x2d * keep
+            outs.append(dropped @ a.t())
     else:
         r_max = max(a.shape[0] for a in lora_as)
         stacked = torch.stack([torch.nn.functional.pad(a, (0, 0, 0, r_max - a.shape[0])) for a in lora_as])
