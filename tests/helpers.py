@@ -23,3 +23,19 @@ def routed_modules(model) -> list[str]:
     from odelta_fast import routing
 
     return [name for name, m in model.named_modules() if routing.is_routed(m)]
+
+
+def method_factories() -> dict:
+    """One small configuration of every insertion-based method, keyed by delta type; hidden 32 /
+    reduction 8 gives Compacter a bottleneck of 4, divisible by its 4 hypercomplex divisions."""
+    from odelta_fast import (AdapterModel, BitFitModel, CompacterModel, LoraModel, LowRankAdapterModel,
+                             ParallelAdapterModel)
+
+    return {
+        "lora": lambda m: LoraModel(m, lora_r=4, lora_dropout=0.1),
+        "adapter": lambda m: AdapterModel(m, bottleneck_dim=8),
+        "parallel_adapter": lambda m: ParallelAdapterModel(m, bottleneck_dim=8, scaled=0.5),
+        "bitfit": lambda m: BitFitModel(m),
+        "compacter": lambda m: CompacterModel(m, reduction_factor=8),
+        "low_rank_adapter": lambda m: LowRankAdapterModel(m, reduction_factor=8, low_rank_rank=2),
+    }

@@ -9,20 +9,14 @@ import warnings
 import pytest
 import torch
 
-from odelta_fast import (AdapterModel, BitFitModel, CompacterModel, LoraModel, LowRankAdapterModel,
-                         ParallelAdapterModel, PrefixModel, SoftPromptModel)
+from odelta_fast import PrefixModel, SoftPromptModel
 from odelta_fast.integrations import enable_input_require_grads
-from helpers import randomize_
+from helpers import method_factories, randomize_
 from tiny_models import tiny_model
 
 
 METHODS = {
-    "lora": lambda m: LoraModel(m, lora_r=4, lora_dropout=0.1),
-    "adapter": lambda m: AdapterModel(m, bottleneck_dim=8),
-    "parallel_adapter": lambda m: ParallelAdapterModel(m, bottleneck_dim=8, scaled=0.5),
-    "bitfit": lambda m: BitFitModel(m),
-    "compacter": lambda m: CompacterModel(m, reduction_factor=8),
-    "low_rank_adapter": lambda m: LowRankAdapterModel(m, reduction_factor=8, low_rank_rank=2),
+    **method_factories(),
     "prefix": lambda m: PrefixModel(m, prefix_token_num=3, embed_dim=8, mid_dim=8),
     "prefix_direct": lambda m: PrefixModel(m, prefix_token_num=3, reparameterize=False),
     "soft_prompt": lambda m: SoftPromptModel(m, soft_token_num=3),

@@ -5,20 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from odelta_fast import (AdapterModel, AutoDeltaModel, BitFitModel, CompacterModel, LoraModel,
-                         LowRankAdapterModel, ParallelAdapterModel)
-from helpers import main_output, randomize_, routed_modules
+from odelta_fast import AutoDeltaModel
+from helpers import main_output, method_factories, randomize_, routed_modules
 from tiny_models import ARCHITECTURES, tiny_model
 
-METHODS = {
-    "lora": lambda m: LoraModel(m, lora_r=4, lora_dropout=0.1),
-    "adapter": lambda m: AdapterModel(m, bottleneck_dim=8),
-    "parallel_adapter": lambda m: ParallelAdapterModel(m, bottleneck_dim=8, scaled=0.5),
-    "bitfit": lambda m: BitFitModel(m),
-    # hidden 32 / reduction 8 = bottleneck 4, divisible by the 4 hypercomplex divisions
-    "compacter": lambda m: CompacterModel(m, reduction_factor=8),
-    "low_rank_adapter": lambda m: LowRankAdapterModel(m, reduction_factor=8, low_rank_rank=2),
-}
+METHODS = method_factories()
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))

@@ -56,7 +56,7 @@ from torch import nn
 
 from .. import routing
 from ..delta import DeltaBase, DeltaModule
-from .shapes import param_device_dtype
+from .shapes import param_device_dtype, pretrained_model_type
 
 _CACHE_ARGS = ("past_key_values", "past_key_value", "layer_past")
 _MASK_ARGS = ("attention_mask", "mask")
@@ -415,14 +415,6 @@ class PrefixStackDelta(DeltaModule):
         return f"layers={len(self.layouts)}, rows={self.start}:{self.end}"
 
 
-def _pretrained_model_type():
-    try:
-        from transformers.modeling_utils import PreTrainedModel
-    except ImportError:  # pragma: no cover - transformers is a dependency
-        return None
-    return PreTrainedModel
-
-
 class PrefixModel(DeltaBase):
     """Prefix tuning on self-attention modules (common name ``attn``); see the module docstring
     for how the prefix is applied and which architectures work."""
@@ -525,7 +517,7 @@ class PrefixModel(DeltaBase):
     def _stack_of(self, path: str) -> str:
         """The nearest transformers model around ``path`` (a decoder, an encoder): the module whose
         one call covers a forward pass of these layers."""
-        pretrained = _pretrained_model_type()
+        pretrained = pretrained_model_type()
         parts = path.split(".")
         for cut in range(len(parts) - 1, 0, -1):
             candidate = ".".join(parts[:cut])

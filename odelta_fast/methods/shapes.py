@@ -78,3 +78,12 @@ def param_device_dtype(module: nn.Module, backbone: Optional[nn.Module] = None):
     import torch
 
     return torch.device("cpu"), torch.get_default_dtype()
+
+
+def pretrained_model_type() -> Optional[type]:
+    """transformers' ``PreTrainedModel`` class, or None where transformers cannot be imported."""
+    try:
+        from transformers.modeling_utils import PreTrainedModel
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        return None
+    return PreTrainedModel

@@ -31,6 +31,7 @@ from torch import nn
 
 from ..addressing import select_modules
 from ..delta import DeltaBase, DeltaModule
+from .shapes import pretrained_model_type
 
 IGNORE_INDEX = -100
 
@@ -197,14 +198,6 @@ class EncoderMaskDelta(DeltaModule):
         return args, kwargs
 
 
-def _pretrained_model_type():
-    try:
-        from transformers.modeling_utils import PreTrainedModel
-    except ImportError:  # pragma: no cover - transformers is a dependency
-        return None
-    return PreTrainedModel
-
-
 class SoftPromptModel(DeltaBase):
     """Soft prompt tuning. By default (``modified_modules=None``) the prompt goes in front of the
     input of the outermost transformers model in the backbone, or of its encoder when it is an
@@ -248,7 +241,7 @@ class SoftPromptModel(DeltaBase):
     def select_targets(self):
         modules = dict(self.backbone_model.named_modules())
         paths = {id(m): p for p, m in modules.items()}
-        pretrained = _pretrained_model_type()
+        pretrained = pretrained_model_type()
         outer = next((m for m in modules.values() if pretrained is not None and isinstance(m, pretrained)), None)
         if self.modified_modules:
             chosen = select_modules(self.backbone_model, self.modified_modules, self.exclude_modules,
