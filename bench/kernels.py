@@ -162,4 +162,54 @@ def merge_rows(device, dtype, small: bool, providers=None) -> Iterator[Row]:
                           t["ms_p80"], 2 * N * K * r + N * K, moved)
 
 
-SUITES = {"lora": lora_rows, "adapter": adapter_rows, "bias": bias_rows, "merge": merge_rows}
+def multi_rows(device, dtype, small: bool, providers=None) -> Iterator[Row]:
+    """Decode with many deltas: one token per sequence, each sequence its own delta ("mixed"),
+    against the same batch with one delta through the ordinary fused LoRA op ("one delta")."""
+    from multi_delta import peft_mixed_layer
+
+    from odelta_fast import ops
+    from odelta_fast.ops import cuda_ext
+    from odelta_fast.ops.multi_lora import lora_expand, lora_shrink
+
+    H, M, D, R = (128, 8, 4, 8) if small else (4096, 64, 16, 16)
+    gen = torch.Generator(device=device).manual_seed(0)
+    weight = torch.randn(H, H, device=device, dtype=dtype, generator=gen) / math.sqrt(H)
+    factors = [(torch.randn(R, H, device=device, dtype=dtype, generator=gen) / math.sqrt(H),
+                torch.randn(H, R, device=device, dtype=dtype, generator=gen) * 0.1) for _ in range(D)]
+    stacked_a = torch.stack([a for a, _ in factors]).contiguous()
+    stacked_b = torch.stack([b for _, b in factors]).contiguous()
+    scalings = torch.full((D,), 2.0, device=device)
+    x = torch.randn(M, H, device=device, dtype=dtype, generator=gen)
+    ids = torch.arange(M, device=device) % D  # every delta used, rows interleaved (unsorted)
+    es = x.element_size()
+    flops = 2 * M * H * H + 4 * M * H * R
+    moved = (H * H + 2 * M * H + D * 2 * H * R) * es
+    base = lambda: F.linear(x, weight)  # noqa: E731
+
+    def mixed(backend):
+        def run():
+            y = F.linear(x, weight)
+            return lora_expand(y, lora_shrink(x, stacked_a, ids, backend=backend), stacked_b, ids, scalings,
+                               backend=backend)
+        return run
+
+    a0, b0 = factors[0]
+    runs = {("mixed", "base"): base, ("one delta", "base"): base}
+    for backend in _providers(device, providers, ["eager", "triton", "cuda"]):
+        if backend == "cuda" and (device.type != "cuda" or not cuda_ext.available()):
+            continue
+        runs[("mixed", backend)] = mixed(backend)
+        if backend != "cuda":
+            runs[("one delta", backend)] = (lambda b=backend: ops.lora_linear(x, weight, None, a0, b0, 2.0, 0.0,
+                                                                             training=False, backend=b))
+    if "peft" in _providers(device, providers, ["peft"]):
+        peft_fn = peft_mixed_layer(weight, factors, [f"d{int(i)}" for i in ids.tolist()], dtype)
+        runs[("mixed", "peft")] = lambda: peft_fn(x)
+    for (batch, provider), fn in runs.items():
+        with torch.no_grad():
+            t = time_ms(fn, device)
+        yield Row("multi", provider, "decode", {"M": M, "H": H, "deltas": D, "r": R, "batch": batch},
+                  str(dtype)[6:], t["ms"], t["ms_p20"], t["ms_p80"], flops, moved)
+
+
+SUITES = {"lora": lora_rows, "adapter": adapter_rows, "bias": bias_rows, "merge": merge_rows, "multi": multi_rows}

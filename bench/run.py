@@ -124,7 +124,8 @@ def summary(record: dict) -> str:
     picks = (_headline(rows, "lora", "fwd+bwd", {"K": 4096, "N": 4096, "r": 16, "M": 8192, "dropout": 0.0})
              + _headline(rows, "lora", "fwd+bwd", {"K": 4096, "N": 4096, "r": 16, "M": 8192, "dropout": 0.05})
              + _headline(rows, "adapter", "fwd+bwd", {}) + _headline(rows, "bias", "fwd+bwd", {})
-             + _headline(rows, "merge", "merge", {"r": 16}))
+             + _headline(rows, "merge", "merge", {"r": 16})
+             + _headline(rows, "multi", "decode", {"batch": "mixed"}) + _headline(rows, "multi", "decode", {"batch": "one delta"}))
     for r in picks:
         shape = ", ".join(f"{k}={v}" for k, v in r["shape"].items())
         lines.append(f"| {r['suite']} {r['mode']} | {shape} | {r['provider']} | {r['ms']:.3f} | "
@@ -192,7 +193,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--small", action="store_true", help="toy sizes (CPU smoke run)")
     parser.add_argument("--device", default=None)
-    parser.add_argument("--suites", nargs="+", default=["lora", "adapter", "bias", "merge"])
+    parser.add_argument("--suites", nargs="+", default=["lora", "adapter", "bias", "merge", "multi"])
     parser.add_argument("--providers", nargs="+", default=None)
     parser.add_argument("--no-e2e", action="store_true")
     parser.add_argument("--out", default=str(RESULTS))

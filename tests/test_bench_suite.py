@@ -53,7 +53,8 @@ def test_suite_writes_results_table_and_plot(tmp_path):
     (json_path,) = tmp_path.glob("*.json")
     record = json.loads(json_path.read_text())
     providers = {(r["suite"], r["provider"]) for r in record["rows"]}
-    assert {("lora", "base"), ("lora", "eager"), ("lora", "peft"), ("adapter", "eager"), ("merge", "copy")} <= providers
+    assert {("lora", "base"), ("lora", "eager"), ("lora", "peft"), ("adapter", "eager"), ("merge", "copy"),
+            ("multi", "eager"), ("multi", "peft")} <= providers
     lora_eager = [r for r in record["rows"] if r["suite"] == "lora" and r["provider"] == "eager"]
     assert all(r["ms"] > 0 and "ratio_vs_base" in r and "ratio_vs_peft" in r for r in lora_eager)
     assert record["e2e"] and {r["provider"] for r in record["e2e"]} == {"odelta_fast", "peft"}
