@@ -11,7 +11,7 @@ STAMP := $(VENV)/.installed
 TORCH_CPU_SPEC ?= torch==2.13.0
 TORCH_INDEX_URL ?=
 
-.PHONY: demo test bench install clean
+.PHONY: demo test bench gpu-check install clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -37,6 +37,11 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/cpu_train_step.py
+	$(PY) bench/run.py $(if $(shell command -v nvidia-smi),,--small)
+
+# On a GPU machine whose Python already has torch/Triton/transformers: no venv, no downloads.
+gpu-check:
+	bash bench/gpu_check.sh
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis .benchmarks
