@@ -125,7 +125,7 @@ def main(argv=None) -> int:
         out_dir.mkdir(parents=True, exist_ok=True)
         path = out_dir / f"{record['date']}-cpu-train-step.json"
         path.write_text(json.dumps(record, indent=2) + "\n")
-        print(f"wrote {path}")
+        print(f"wrote {path.name}")
     return 0
 
 

@@ -3,10 +3,10 @@
 # environment, run the whole test suite compiled on the GPU (no interpreter), build the CUDA
 # extension and run its tests, then the benchmark suite. Logs and results go to one folder.
 #
-#   bash bench/gpu_check.sh [OUTPUT_DIR]     (default: $OUT if set, else bench/results/gpu-check)
+#   bash bench/gpu_check.sh [OUTPUT_DIR]     (default: bench/results/gpu-check)
 set -uo pipefail
 cd "$(dirname "$0")/.."
-out="${1:-${OUT:-bench/results/gpu-check}}"
+out="${1:-bench/results/gpu-check}"
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 TRITON_INTERPRET=0
 py=${PYTHON:-python3}
