@@ -222,7 +222,8 @@ MPT = _single("blocks", {
     "ff.layer_norm": "norm_2",
 }, embeddings="wte")
 
-OPT = _single("decoder.layers", {
+# OPT's decoder layers are BART's (fairseq lineage): one layer table serves both.
+_BART_LAYER = {
     "attn": "self_attn",
     "attn.q": "self_attn.q_proj",
     "attn.k": "self_attn.k_proj",
@@ -232,7 +233,9 @@ OPT = _single("decoder.layers", {
     "ff.w1": "fc1",
     "ff.w2": "fc2",
     "ff.layer_norm": "final_layer_norm",
-}, embeddings="decoder.embed_tokens")
+}
+
+OPT = _single("decoder.layers", _BART_LAYER, embeddings="decoder.embed_tokens")
 
 # --------------------------------------------------------------------------- llama-style decoders
 
@@ -334,17 +337,6 @@ T5 = Arch(
     top={"embeddings": "shared"},
 )
 
-_BART_LAYER = {
-    "attn": "self_attn",
-    "attn.q": "self_attn.q_proj",
-    "attn.k": "self_attn.k_proj",
-    "attn.v": "self_attn.v_proj",
-    "attn.o": "self_attn.out_proj",
-    "attn.layer_norm": "self_attn_layer_norm",
-    "ff.w1": "fc1",
-    "ff.w2": "fc2",
-    "ff.layer_norm": "final_layer_norm",
-}
 BART = Arch(
     stacks={
         "encoder": Stack("encoder.layers", _BART_LAYER, extra={"embeddings": "encoder.embed_tokens"}),
