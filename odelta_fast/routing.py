@@ -14,6 +14,11 @@ Delta modules declare how they join the computation with ``route_kind``:
 * ``"parallel"``: ``output + delta.parallel(module, args, kwargs)``.
 * ``"sequential"``: ``delta.post(module, args, kwargs, output)`` after the module.
 * ``"pre"``: ``args, kwargs = delta.pre(module, args, kwargs)`` before the module.
+* ``"bias"``: an additive per-feature vector (``delta.bias_vector()``), folded into the bias of
+  whatever computes the output, so it costs no pass of its own: a replace-delta with
+  ``fuses_bias = True`` receives it as ``extra_bias=``; with no replace-delta, the bias delta
+  computes the module itself when it can (``can_fuse``: a Linear / Conv1D, one GEMM whose epilogue
+  adds the bias); otherwise it is added to the output (``add_to``).
 """
 from __future__ import annotations
 
@@ -43,7 +48,7 @@ class _NoInstanceForward:
 
 _NO_INSTANCE_FORWARD = _NoInstanceForward()
 
-ROUTE_KINDS = ("replace", "parallel", "sequential", "pre")
+ROUTE_KINDS = ("replace", "parallel", "sequential", "pre", "bias")
 
 
 def map_hidden(output: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
@@ -106,13 +111,28 @@ def _routed_forward(module: nn.Module, *args, **kwargs):
         if delta.route_kind == "replace" and delta.route_active:
             primary = delta
             break
-    output = primary.replace(module, original, args, kwargs) if primary is not None else original(*args, **kwargs)
+    bias_deltas = [d for d in route_list if d.route_kind == "bias" and d.route_active]
+    extra_bias = None
+    for delta in bias_deltas:
+        extra_bias = delta.bias_vector() if extra_bias is None else extra_bias + delta.bias_vector()
+    if primary is not None and extra_bias is not None and getattr(primary, "fuses_bias", False):
+        output = primary.replace(module, original, args, kwargs, extra_bias=extra_bias)
+        extra_bias = None
+    elif primary is not None:
+        output = primary.replace(module, original, args, kwargs)
+    elif extra_bias is not None and bias_deltas[0].can_fuse(module):
+        output = bias_deltas[0].fused_forward(module, args, kwargs, extra_bias)
+        extra_bias = None
+    else:
+        output = original(*args, **kwargs)
     for delta in route_list:
         if not delta.route_active or delta is primary:
             continue
         if delta.route_kind in ("parallel", "replace"):
             extra = delta.parallel(module, args, kwargs)
             output = map_hidden(output, lambda h, extra=extra: h + extra)
+    if extra_bias is not None:
+        output = bias_deltas[0].add_to(output, extra_bias)
     for delta in route_list:
         if delta.route_kind == "sequential" and delta.route_active:
             output = delta.post(module, args, kwargs, output)

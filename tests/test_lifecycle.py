@@ -216,3 +216,42 @@ def test_moving_a_backbone_with_deltas_moves_the_deltas(make):
     model.to(torch.float64)  # nn.Module._apply must not be shadowed by a delta module
     assert all(p.dtype == torch.float64 for p in delta.parameters())
     assert main_output(model, inputs).dtype == torch.float64
+
+
+def test_bitfit_bias_rides_in_the_gemm_that_produces_the_output(monkeypatch):
+    from odelta_fast import ops
+
+    model, inputs = tiny_model("llama")
+    q = model.model.layers[0].self_attn.q_proj
+    norm = model.model.layers[0].input_layernorm
+    x = torch.randn(2, 5, 32)
+    base_q, base_norm = q(x), norm(x)
+    bitfit = BitFitModel(model, modified_modules=["q_proj", "input_layernorm"])
+    randomize_(bitfit.parameters())
+    delta_q, delta_norm = q.bitfit.bias, norm.bitfit.bias
+
+    calls = {"bias_add": 0, "lora_bias": []}
+    real_bias_add, real_lora = ops.bias_add, ops.lora_linear
+
+    def counting_bias_add(*args, **kwargs):
+        calls["bias_add"] += 1
+        return real_bias_add(*args, **kwargs)
+
+    def recording_lora(x, weight, bias, *args, **kwargs):
+        calls["lora_bias"].append(bias)
+        return real_lora(x, weight, bias, *args, **kwargs)
+
+    monkeypatch.setattr(ops, "bias_add", counting_bias_add)
+    monkeypatch.setattr(ops, "lora_linear", recording_lora)
+    with torch.no_grad():
+        assert torch.allclose(q(x), base_q + delta_q, atol=1e-6)
+        assert calls["bias_add"] == 0  # a Linear: folded into F.linear's bias
+        assert torch.allclose(norm(x), base_norm + delta_norm, atol=1e-6)
+        assert calls["bias_add"] == 1  # RMSNorm has no GEMM: added to its output
+
+        lora = LoraModel(model, lora_r=4, modified_modules=["q_proj"])
+        randomize_(lora.parameters(), seed=3)
+        slot = lora.slots[0].delta
+        expected = base_q + delta_q + slot.scaling * (x @ slot.lora_A.t()) @ slot.lora_B.t()
+        assert torch.allclose(q(x), expected, atol=1e-5)
+        assert calls["bias_add"] == 1 and torch.equal(calls["lora_bias"][-1], delta_q)  # in LoRA's epilogue

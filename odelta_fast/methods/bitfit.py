@@ -19,16 +19,31 @@ from .shapes import is_conv1d, output_features
 
 
 class BiasDelta(DeltaModule):
-    route_kind = "sequential"
+    # "bias": folded into the bias of the GEMM that produces the target's output where there is
+    # one (the target's own Linear / Conv1D, or a LoRA on it), added to the output otherwise.
+    route_kind = "bias"
 
-    def __init__(self, features: int, *, mergeable: bool, backend: str = "auto", device=None, dtype=None):
+    def __init__(self, features: int, *, mergeable: bool, fusable: bool = False, backend: str = "auto",
+                 device=None, dtype=None):
         super().__init__(backend)
         self.bias = nn.Parameter(torch.zeros(features, device=device, dtype=dtype))
         self.mergeable = mergeable
+        self._fusable = fusable
         self._bias_backup: Optional[torch.Tensor] = None
 
-    def post(self, target, args, kwargs, output):
-        return map_hidden(output, lambda h: ops.bias_add(h, self.bias, backend=self.backend))
+    def bias_vector(self) -> torch.Tensor:
+        return self.bias
+
+    def can_fuse(self, target) -> bool:
+        return self._fusable
+
+    def fused_forward(self, target, args, kwargs, extra_bias):
+        x = args[0] if args else next(iter(kwargs.values()))
+        weight = target.weight.t() if is_conv1d(target) else target.weight
+        return ops.linear_bias_delta(x, weight, target.bias, extra_bias, backend=self.backend)
+
+    def add_to(self, output, extra_bias):
+        return map_hidden(output, lambda h: ops.bias_add(h, extra_bias, backend=self.backend))
 
     def merge(self, target):
         self._bias_backup = target.bias.detach().clone()
@@ -99,6 +114,7 @@ class BitFitModel(DeltaBase):
         weight = next((p for p in target.parameters(recurse=False) if p.is_floating_point()), None)
         has_bias = isinstance(getattr(target, "bias", None), nn.Parameter)
         return BiasDelta(
-            output_features(target, self.backbone_model), mergeable=has_bias, backend=self.backend,
+            output_features(target, self.backbone_model), mergeable=has_bias,
+            fusable=isinstance(target, nn.Linear) or is_conv1d(target), backend=self.backend,
             device=weight.device if weight is not None else None, dtype=weight.dtype if weight is not None else None,
         )

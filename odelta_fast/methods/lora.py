@@ -53,11 +53,18 @@ class LoraDelta(DeltaModule):
         a, b = self.lora_A, self.lora_B
         return (a, b) if a.dtype == dtype else (a.to(dtype), b.to(dtype))
 
-    def replace(self, target, original, args, kwargs):
+    # A bias delta (BitFit) on the same module rides in the fused op's bias epilogue.
+    fuses_bias = True
+
+    def replace(self, target, original, args, kwargs, extra_bias=None):
         x = self._input(args, kwargs)
         lora_a, lora_b = self._factors(x.dtype)
+        bias = target.bias
+        if extra_bias is not None:
+            extra_bias = extra_bias.to(x.dtype)
+            bias = extra_bias if bias is None else bias + extra_bias
         return ops.lora_linear(
-            x, self._weight(target), target.bias, lora_a, lora_b, self.scaling, self.dropout,
+            x, self._weight(target), bias, lora_a, lora_b, self.scaling, self.dropout,
             training=self.training, backend=self.backend,
         )
 

@@ -9,7 +9,7 @@ import torch
 
 from .adapter import ACTIVATIONS, adapter_backends, adapter_bottleneck
 from .backend import BACKENDS, resolve_backend
-from .bias import bias_add, bias_backends
+from .bias import bias_add, bias_backends, linear_bias_delta
 from .lora import lora_backends, lora_linear, lora_linear_reference, lora_shrink_grouped
 from .merge import bias_merge_, lora_delta_weight, lora_merge_, merge_backends
 from .multi_lora import multi_lora_backends
@@ -36,6 +36,6 @@ def backend_for(op: str, device, backend: str = "auto", dtype: Optional[torch.dt
 
 __all__ = [
     "ACTIVATIONS", "BACKENDS", "OP_BACKENDS", "adapter_backends", "adapter_bottleneck", "backend_for", "bias_add",
-    "bias_backends", "bias_merge_", "lora_backends", "lora_delta_weight", "lora_linear", "lora_linear_reference",
+    "bias_backends", "bias_merge_", "linear_bias_delta", "lora_backends", "lora_delta_weight", "lora_linear", "lora_linear_reference",
     "lora_merge_", "lora_shrink_grouped", "merge_backends", "resolve_backend",
 ]

@@ -6,6 +6,7 @@ pass that reads it. Inside LoRA the bias already rides in the GEMM epilogue inst
 """
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from .backend import has_dtensor, kernels, resolve_backend
@@ -31,3 +32,16 @@ def bias_add(y: Tensor, bias: Tensor, *, backend: str = "auto") -> Tensor:
 
 def bias_backends() -> tuple[str, ...]:
     return ("triton",)
+
+
+def linear_bias_delta(x: Tensor, weight: Tensor, bias, delta: Tensor, *, backend: str = "auto") -> Tensor:
+    """``x W^T + (b + delta)``: a bias delta folded into the GEMM's own bias, so the BLAS / cuBLAS
+    epilogue adds it and no separate pass over the output is spent on it."""
+    op = "linear_bias_delta"
+    check_tensor(op, "x", x)
+    check_tensor(op, "weight", weight, (None, x.shape[-1]))
+    check_tensor(op, "delta", delta, (weight.shape[0],))
+    check_tensor(op, "bias", bias, (weight.shape[0],), optional=True)
+    resolve_backend(op, backend, x.device, implemented=(), dtype=x.dtype)
+    delta = delta.to(x.dtype)
+    return torch.nn.functional.linear(x, weight, delta if bias is None else bias + delta)
