@@ -349,15 +349,27 @@ class DeltaBase:
                 f"{finetuned_delta_path!r} holds a {config.get('delta_type')!r} delta, not {cls.delta_type!r}; "
                 "use AutoDeltaModel.from_finetuned to load any type"
             )
+        registry = backbone_model.__dict__.get(REGISTRY_ATTR, {})
+        if "name" not in overrides and config.get("name") in registry:
+            # The saved name is taken on this backbone (a second checkpoint of the same type):
+            # load under a fresh name rather than refuse.
+            overrides = dict(overrides, name=None)
         delta = cls.from_config(config, backbone_model, **overrides)
         try:
-            delta.load_delta_state_dict(tensors, expected_targets=config.get("targets"), source=str(finetuned_delta_path))
+            delta.load_delta_state_dict(tensors, expected_targets=config.get("targets"),
+                                        source=str(finetuned_delta_path), saved_name=config.get("name"))
         except BaseException:
             delta.remove()
             raise
         return delta
 
-    def load_delta_state_dict(self, tensors: dict[str, torch.Tensor], expected_targets=None, source="state dict") -> None:
+    def load_delta_state_dict(self, tensors: dict[str, torch.Tensor], expected_targets=None, source="state dict",
+                              saved_name: Optional[str] = None) -> None:
+        """Copy ``tensors`` into this delta (and the modules it unfroze) after checking that every
+        name and shape fits; nothing is copied if anything does not. ``saved_name`` is the name the
+        delta had when saved, so a checkpoint loads under another name."""
+        if saved_name is not None and saved_name != self.name:
+            tensors = self._renamed(tensors, saved_name)
         problems: list[str] = []
         if expected_targets is not None:
             have = [slot.path for slot in self.slots]
@@ -385,6 +397,19 @@ class DeltaBase:
         with torch.no_grad():
             for name, param in own.items():
                 param.copy_(tensors[name].to(device=param.device, dtype=param.dtype))
+
+    def _renamed(self, tensors: dict[str, torch.Tensor], saved_name: str) -> dict[str, torch.Tensor]:
+        """Keys of a checkpoint saved under ``saved_name``, rewritten to this delta's child name:
+        segment by segment at each slot's path, never by string replacement inside names."""
+        def prefix(path: str, child: str) -> str:
+            return ".".join(part for part in (path, child) if part) + "."
+
+        moves = {prefix(slot.path, saved_name): prefix(slot.path, slot.child_name) for slot in self.slots}
+        renamed = {}
+        for key, tensor in tensors.items():
+            old = next((p for p in moves if key.startswith(p)), None)
+            renamed[moves[old] + key[len(old):] if old else key] = tensor
+        return renamed
 
     def remove(self) -> None:
         """Detach and forget this delta: its name is free again."""

@@ -136,3 +136,25 @@ def test_saving_a_merged_delta_is_refused(tmp_path):
     with pytest.raises(RuntimeError, match="unmerge"):
         delta.save_finetuned(str(tmp_path))
     assert not Path(tmp_path / "config.json").exists()
+
+
+def test_two_checkpoints_saved_under_one_name_load_side_by_side(tmp_path):
+    first_model, inputs, first = _trained_lora()
+    first.save_finetuned(str(tmp_path / "a"))
+    second_model, _, second = _trained_lora()
+    randomize_(second.parameters(), seed=21)
+    second.save_finetuned(str(tmp_path / "b"))  # also named "lora"
+
+    model, _ = tiny_model("llama")
+    a = AutoDeltaModel.from_finetuned(str(tmp_path / "a"), model)
+    b = AutoDeltaModel.from_finetuned(str(tmp_path / "b"), model)  # saved name taken: loads as lora_1
+    c = AutoDeltaModel.from_finetuned(str(tmp_path / "b"), tiny_model("llama")[0], name="task_b")
+    assert (a.name, b.name, c.name) == ("lora", "lora_1", "task_b")
+    for loaded, source in ((a, first), (b, second), (c, second)):
+        ours = dict(loaded.named_parameters())
+        for (name, param), (_, expected) in zip(sorted(ours.items()), sorted(source.named_parameters())):
+            assert torch.equal(param, expected), name
+    a.detach()
+    only_b, _ = tiny_model("llama")
+    AutoDeltaModel.from_finetuned(str(tmp_path / "b"), only_b)
+    assert torch.equal(main_output(model, inputs), main_output(only_b, inputs))
