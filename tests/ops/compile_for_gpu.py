@@ -6,7 +6,7 @@ compiles each launch (every autotune config) down to a cubin with the ptxas bund
 wheel, reporting shared memory per kernel. Usage (from the repo root)::
 
     python tests/ops/compile_for_gpu.py            # all dtypes and shapes, ~4 min cold
-    QUICK=1 python tests/ops/compile_for_gpu.py    # fp16 + fp32, one shape each (the test uses this)
+    QUICK=1 python tests/ops/compile_for_gpu.py    # fp16 + fp32, one shape each (what CI runs)
     ARCH=80 python tests/ops/compile_for_gpu.py    # another compute capability
 """
 import os, sys, itertools, traceback
