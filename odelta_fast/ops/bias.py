@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .backend import has_dtensor, kernels, resolve_backend
+from .backend import check_backend_name, has_dtensor, kernels, resolve_backend
 from .checks import check_tensor
 
 OP = "bias_add"
@@ -36,12 +36,14 @@ def bias_backends() -> tuple[str, ...]:
 
 def linear_bias_delta(x: Tensor, weight: Tensor, bias, delta: Tensor, *, backend: str = "auto") -> Tensor:
     """``x W^T + (b + delta)``: a bias delta folded into the GEMM's own bias, so the BLAS / cuBLAS
-    epilogue adds it and no separate pass over the output is spent on it."""
+    epilogue adds it and no separate pass over the output is spent on it. The GEMM is the
+    backbone's own computation, so every backend runs it the same way: ``backend`` is accepted
+    for a uniform signature and only validated."""
     op = "linear_bias_delta"
     check_tensor(op, "x", x)
     check_tensor(op, "weight", weight, (None, x.shape[-1]))
     check_tensor(op, "delta", delta, (weight.shape[0],))
     check_tensor(op, "bias", bias, (weight.shape[0],), optional=True)
-    resolve_backend(op, backend, x.device, implemented=(), dtype=x.dtype)
+    check_backend_name(backend)
     delta = delta.to(x.dtype)
     return torch.nn.functional.linear(x, weight, delta if bias is None else bias + delta)
