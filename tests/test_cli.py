@@ -440,3 +440,43 @@ def test_real_executable_prints_one_line_and_exits_2(tmp_path):
     assert result.stderr.strip().splitlines() == [
         f"odelta-fast: error: --model {tmp_path / 'none'}: no such directory; expected a local Hugging Face "
         "model directory"]
+
+
+def test_resume_continues_to_the_same_delta_as_an_uninterrupted_run(work, tmp_path, monkeypatch, capsys):
+    from safetensors.torch import load_file
+
+    def final_tensors(out):
+        (weights,) = (out / "final").glob("delta-*.safetensors")
+        return load_file(str(weights))
+
+    whole = tmp_path / "whole"
+    assert _train(work, whole, "--max-steps", "7", "--save-every", "2", "--warmup-steps", "3") == 0
+
+    broken = tmp_path / "broken"
+    real_step, calls = train_cmd._optimizer_step, []
+
+    def step_then_interrupt(optimizer, scheduler):
+        calls.append(1)
+        if len(calls) == 6:
+            raise KeyboardInterrupt
+        real_step(optimizer, scheduler)
+
+    monkeypatch.setattr(train_cmd, "_optimizer_step", step_then_interrupt)
+    assert _train(work, broken, "--max-steps", "7", "--save-every", "2", "--warmup-steps", "3") == 130
+    monkeypatch.undo()
+    assert train_cmd.latest_checkpoint(broken) == broken / "checkpoint-4"
+    capsys.readouterr()
+    assert _train(work, broken, "--max-steps", "7", "--save-every", "2", "--warmup-steps", "3", "--resume") == 0
+    assert "resuming from" in capsys.readouterr().out
+    expected, got = final_tensors(whole), final_tensors(broken)
+    assert expected.keys() == got.keys()
+    for key in expected:
+        assert torch.allclose(got[key], expected[key], atol=1e-6), key
+    steps = [json.loads(line)["step"] for line in (broken / "train_log.jsonl").read_text().splitlines()]
+    assert steps == sorted(steps) and steps[-1] == 7
+
+    # nothing to resume: a finished run, or an empty directory
+    assert _train(work, broken, "--max-steps", "7", "--resume") == 2
+    assert "already finished" in _error_line(capsys)
+    assert _train(work, tmp_path / "empty", "--max-steps", "7", "--resume") == 2
+    assert "no complete checkpoint" in _error_line(capsys)

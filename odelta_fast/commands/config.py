@@ -49,6 +49,7 @@ SCHEMA: dict[str, dict[str, tuple[str, Any]]] = {
         "log_every": ("int", 10),
         "device": ("str", "auto"),
         "progress": ("bool", None),
+        "resume": ("bool", False),
     },
 }
 # "model: ./dir" stands for "model: {path: ./dir}"; likewise data and method.

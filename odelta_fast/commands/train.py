@@ -35,6 +35,7 @@ from .common import (CLIError, auto_class, brief, dtype_from_name, from_pretrain
 logger = get_logger("cli.train")
 
 TRAINING_STATE = "training.json"
+OPTIMIZER_STATE = "optimizer.safetensors"  # tensors only: resuming never unpickles
 CLASSIFICATION, CAUSAL_LM = "classification", "causal-lm"
 # Names under which a sequence-classification head lives; it is new, so it trains with the delta.
 HEAD_SPECS = ["lm_head", "classifier", "score"]
@@ -94,6 +95,9 @@ def add_parser(sub) -> None:
                    help="checkpoint every N steps, 0 = only at the end (default: 100)")
     g.add_argument("--log-every", type=int, metavar="N", help="log the mean loss every N steps (default: 10)")
     g.add_argument("--device", metavar="DEV", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    g.add_argument("--resume", action=argparse.BooleanOptionalAction, default=None,
+                   help="continue from the newest complete checkpoint in the output directory: the delta, "
+                        "the optimizer and learning-rate schedule, and the position in the data")
     g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="show a progress bar (default: when stderr is a terminal and CI is unset)")
     p.set_defaults(func=run)
@@ -114,6 +118,7 @@ FLAG_KEYS = [
     ("warmup_steps", "train.warmup_steps", "--warmup-steps"), ("seed", "train.seed", "--seed"),
     ("save_every", "train.save_every", "--save-every"), ("log_every", "train.log_every", "--log-every"),
     ("device", "train.device", "--device"), ("progress", "train.progress", "--progress"),
+    ("resume", "train.resume", "--resume"),
 ]
 
 
@@ -252,14 +257,44 @@ def _encode_labels(path: Path, column: str, raw: list[tuple[int, Any]]) -> tuple
 
 
 # ---------------------------------------------------------------------- checkpoints
-def save_checkpoint(delta, out_dir: Path, name: str, state: dict[str, Any]) -> Path:
-    """Save the delta to ``out_dir/name`` so that the directory appears only when complete."""
+def optimizer_tensors(optimizer, names: list[str]) -> dict[str, Any]:
+    """The optimizer's per-parameter state as named tensors (``<param>::<key>``)."""
+    import torch
+
+    tensors = {}
+    for index, per_param in optimizer.state_dict()["state"].items():
+        for key, value in per_param.items():
+            tensor = value if isinstance(value, torch.Tensor) else torch.tensor(value)
+            tensors[f"{names[index]}::{key}"] = tensor.detach().to("cpu").contiguous()
+    return tensors
+
+
+def load_optimizer_tensors(optimizer, names: list[str], tensors: dict[str, Any], device) -> None:
+    state: dict[int, dict[str, Any]] = {}
+    index_of = {name: i for i, name in enumerate(names)}
+    for key, tensor in tensors.items():
+        name, _, field = key.rpartition("::")
+        if name not in index_of:
+            raise CLIError(f"--resume: the checkpoint's optimizer state names {name!r}, which this run does not train")
+        # Adam's step counter stays on the CPU (as torch keeps it); moments go where the parameters are.
+        state.setdefault(index_of[name], {})[field] = tensor if field == "step" else tensor.to(device)
+    optimizer.load_state_dict({"state": state, "param_groups": optimizer.state_dict()["param_groups"]})
+
+
+def save_checkpoint(delta, out_dir: Path, name: str, state: dict[str, Any],
+                    optimizer_state: Optional[dict[str, Any]] = None) -> Path:
+    """Save the delta (and what resuming needs) to ``out_dir/name`` so that the directory appears
+    only when complete."""
     final = out_dir / name
     tmp = out_dir / f".{name}.tmp-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
     try:
         delta.save_finetuned(str(tmp))
+        if optimizer_state is not None:
+            from safetensors.torch import save_file
+
+            save_file(optimizer_state, str(tmp / OPTIMIZER_STATE))
         (tmp / TRAINING_STATE).write_text(json.dumps(state, indent=2, sort_keys=True) + "\n")
         _fsync_dir(tmp)
         if final.exists():
@@ -299,6 +334,35 @@ def latest_checkpoint(out_dir: str | os.PathLike) -> Optional[Path]:
     steps = [(int(p.name.split("-", 1)[1]), p) for p in out.glob("checkpoint-*")
              if p.name.split("-", 1)[1].isdigit() and (p / TRAINING_STATE).is_file()]
     return max(steps)[1] if steps else None
+
+
+def _resume_point(out_dir: Path) -> Path:
+    latest = latest_checkpoint(out_dir)
+    if latest is None:
+        raise CLIError(f"--resume: {out_dir} holds no complete checkpoint to resume from")
+    if latest.name == "final":
+        raise CLIError(f"--resume: the run in {out_dir} already finished ({latest}); nothing to resume")
+    if not (latest / OPTIMIZER_STATE).is_file():
+        raise CLIError(f"--resume: {latest} has no {OPTIMIZER_STATE} (written by an older version); "
+                       "start a new run or load the delta with AutoDeltaModel.from_finetuned")
+    return latest
+
+
+def _restore(path: Path, delta, optimizer, scheduler, names: list[str], device) -> tuple[int, int, float]:
+    """Load the delta, optimizer and schedule saved in ``path``; returns (step, epoch, loss)."""
+    from safetensors.torch import load_file
+
+    from .. import checkpoint as ckpt
+
+    state = json.loads((path / TRAINING_STATE).read_text())
+    config, tensors = ckpt.load_checkpoint(path)
+    delta.load_delta_state_dict(tensors, expected_targets=config.get("targets"), source=str(path),
+                                saved_name=config.get("name"))
+    load_optimizer_tensors(optimizer, names, load_file(str(path / OPTIMIZER_STATE)), device)
+    scheduler.load_state_dict(state["scheduler"])
+    for group, lr in zip(optimizer.param_groups, scheduler.get_last_lr()):
+        group["lr"] = lr
+    return state["step"], state["epoch"], state.get("loss", float("nan"))
 
 
 def _clean_stale(out_dir: Path) -> None:
@@ -446,7 +510,8 @@ def train(config: cfg.RunConfig) -> int:
     out_dir = Path(config.get("train.output_dir")).expanduser()
     out_dir.mkdir(parents=True, exist_ok=True)
     _clean_stale(out_dir)
-    if any(out_dir.glob("checkpoint-*")) or (out_dir / "final").exists():
+    resume_from = _resume_point(out_dir) if config.get("train.resume") else None
+    if resume_from is None and (any(out_dir.glob("checkpoint-*")) or (out_dir / "final").exists()):
         logger.warning("%s already holds checkpoints of an earlier run; those of the same names are replaced", out_dir)
     (out_dir / "train_config.yaml").write_text(cfg.dump(config))
 
@@ -486,14 +551,24 @@ def train(config: cfg.RunConfig) -> int:
         "id2label": {str(k): v for k, v in data.id2label.items()} if data.id2label else None,
     }
 
+    trainable_names = [n for n, p in model.named_parameters() if p.requires_grad]
     step, epoch, window, last_loss, last_saved = 0, 0, [], float("nan"), None
-    log_file = (out_dir / "train_log.jsonl").open("w")
+    skip = 0  # batches of the current epoch already trained before a resume
+    if resume_from is not None:
+        step, epoch, last_loss = _restore(resume_from, delta, optimizer, scheduler, trainable_names, device)
+        skip = step - epoch * per_epoch
+        last_saved = resume_from
+        print(f"resuming from {resume_from} at step {step} (epoch {epoch})")
+    log_file = (out_dir / "train_log.jsonl").open("a" if resume_from is not None else "w")
     bar = tqdm(total=total_steps, desc=f"train {config.get('method.name')}", unit="step",
                disable=tqdm_disable(config.get("train.progress")))
     started = time.perf_counter()
     try:
         while step < total_steps:
             for index in _batches(len(data.texts), batch_size, seed, epoch):
+                if skip:  # the data order is a function of (seed, epoch): replay it up to the resume point
+                    skip -= 1
+                    continue
                 batch = _encode(tokenizer, data, index, config.get("data.max_length"), device)
                 loss = model(**batch).loss
                 loss.backward()
@@ -512,8 +587,10 @@ def train(config: cfg.RunConfig) -> int:
                     log_file.write(json.dumps({"step": step, "epoch": epoch, "loss": last_loss, "lr": lr}) + "\n")
                     log_file.flush()
                 if save_every and step % save_every == 0 and step < total_steps:
-                    last_saved = save_checkpoint(delta, out_dir, f"checkpoint-{step}",
-                                                 dict(state_base, step=step, epoch=epoch, loss=last_loss))
+                    last_saved = save_checkpoint(
+                        delta, out_dir, f"checkpoint-{step}",
+                        dict(state_base, step=step, epoch=epoch, loss=last_loss, scheduler=scheduler.state_dict()),
+                        optimizer_tensors(optimizer, trainable_names))
                 if step >= total_steps:
                     break
             else:
