@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import platform
 import statistics
 import sys
 import time
@@ -101,16 +100,12 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     batch_size, seq, rank = (2, 16, 4) if args.small else (4, 256, 16)
 
-    import peft
-    import transformers
+    from common import environment
 
     record = {
         "benchmark": "cpu_train_step",
         "date": dt.date.today().isoformat(),
-        "machine": {"platform": platform.platform(), "processor": platform.processor(),
-                    "threads": torch.get_num_threads()},
-        "versions": {"python": sys.version.split()[0], "torch": torch.__version__,
-                     "transformers": transformers.__version__, "peft": peft.__version__},
+        "environment": environment(torch.device("cpu")),
         "shape": {"batch": batch_size, "seq": seq, "rank": rank, "small": args.small},
         "results": [],
     }

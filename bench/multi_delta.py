@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import platform
 import sys
 from pathlib import Path
 
@@ -159,12 +158,11 @@ def main(argv=None) -> int:
         print(f"  {key:32s} {value:6.2f}")
     print("targets: mixed_over_single <= 1.3, peft_over_mixed >= 5, merge bandwidth >= 0.80 of copy")
 
-    import triton
+    from common import environment
 
     record = {
         "benchmark": "multi_delta", "when": dt.datetime.now(dt.timezone.utc).isoformat(),
-        "device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-        "cuda": torch.version.cuda, "python": platform.python_version(), "args": vars(args),
+        "environment": environment(dev), "args": vars(args),
         "times_ms": results, "ratios": ratios,
         "cuda_extension": cuda_ext.unavailable_reason() or "built",
     }

@@ -86,8 +86,7 @@ def lora_linear_reference(
     return y + scaling * ((dropped @ lora_a.t()) @ lora_b.t())
 
 
-@torch.library.custom_op("odelta_fast::lora_linear_fwd", mutates_args=())
-def _lora_linear_fwd(
+def _forward_impl(
     x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a: Tensor, lora_b: Tensor,
     scaling: float, dropout_p: float, seed: Tensor,
 ) -> tuple[Tensor, Tensor]:
@@ -100,13 +99,15 @@ def _lora_linear_fwd(
     return y, xa
 
 
+_lora_linear_fwd = torch.library.custom_op("odelta_fast::lora_linear_fwd", mutates_args=())(_forward_impl)
+
+
 @_lora_linear_fwd.register_fake
 def _(x, weight, bias, lora_a, lora_b, scaling, dropout_p, seed):
     return x.new_empty(x.shape[0], weight.shape[0]), x.new_empty(x.shape[0], lora_a.shape[0])
 
 
-@torch.library.custom_op("odelta_fast::lora_linear_bwd", mutates_args=())
-def _lora_linear_bwd(
+def _backward_impl(
     grad_y: Tensor, x: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor, xa: Tensor,
     scaling: float, dropout_p: float, seed: Tensor,
     need_x: bool, need_weight: bool, need_bias: bool, need_lora: bool,
@@ -137,6 +138,9 @@ def _lora_linear_bwd(
     return grad_x, grad_weight, grad_bias, grad_a, grad_b
 
 
+_lora_linear_bwd = torch.library.custom_op("odelta_fast::lora_linear_bwd", mutates_args=())(_backward_impl)
+
+
 @_lora_linear_bwd.register_fake
 def _(grad_y, x, weight, lora_a, lora_b, xa, scaling, dropout_p, seed, need_x, need_weight, need_bias, need_lora):
     def maybe(flag, like):
@@ -154,14 +158,14 @@ def _setup_context(ctx, inputs, output):
     ctx.scaling, ctx.dropout_p = scaling, dropout_p
 
 
-def _backward(ctx, grad_y, _grad_xa):
+def _input_grads(ctx, grad_y, backward_fn) -> tuple:
+    """Run ``backward_fn`` on what the forward saved; gradients for the eight forward inputs."""
     x, weight, lora_a, lora_b, xa, seed = ctx.saved_tensors
     need = ctx.needs_input_grad
-    grads = _lora_linear_bwd(
+    grad_x, grad_weight, grad_bias, grad_a, grad_b = backward_fn(
         grad_y.contiguous(), x, weight, lora_a, lora_b, xa, ctx.scaling, ctx.dropout_p, seed,
         need[0], need[1], need[2], need[3] or need[4],
     )
-    grad_x, grad_weight, grad_bias, grad_a, grad_b = grads
     return (
         grad_x if need[0] else None,
         grad_weight if need[1] else None,
@@ -172,7 +176,29 @@ def _backward(ctx, grad_y, _grad_xa):
     )
 
 
+def _backward(ctx, grad_y, _grad_xa):
+    return _input_grads(ctx, grad_y, _lora_linear_bwd)
+
+
 _lora_linear_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _LoraLinearEager(torch.autograd.Function):
+    """The custom op's own forward and backward, called without the custom-op dispatcher.
+
+    Outside ``torch.compile`` the dispatcher is pure overhead: measured ~0.1 ms per layer and
+    training step on CPU, which made small layers slower than PEFT's (hidden 64: 1.28x). Under
+    ``torch.compile`` the custom op is used, so the graph keeps one opaque node."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_a, lora_b, scaling, dropout_p, seed):
+        y, xa = _forward_impl(x, weight, bias, lora_a, lora_b, scaling, dropout_p, seed)
+        _setup_context(ctx, (x, weight, bias, lora_a, lora_b, scaling, dropout_p, seed), (y, xa))
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        return _input_grads(ctx, grad_y, _backward_impl)
 
 
 # ----------------------------------------------------------------------------- public op
@@ -220,7 +246,10 @@ def lora_linear(
     x2d = x.reshape(-1, x.shape[-1])
     if chosen == "eager":
         seed = new_dropout_seed() if p > 0.0 else _NO_SEED
-        y, _ = _lora_linear_fwd(x2d, weight, bias, lora_a, lora_b, float(scaling), p, seed)
+        if torch.compiler.is_compiling():
+            y, _ = _lora_linear_fwd(x2d, weight, bias, lora_a, lora_b, float(scaling), p, seed)
+        else:
+            y = _LoraLinearEager.apply(x2d, weight, bias, lora_a, lora_b, float(scaling), p, seed)
     else:
         y = kernels("lora").lora_linear(
             x2d, weight, bias, lora_a, lora_b, float(scaling), p, device_dropout_seed(x.device, p))
