@@ -139,6 +139,17 @@ class DeltaBase:
     def default_targets(self) -> list[str]:
         return list(self.default_modified_modules)
 
+    def present_common_names(self, candidates: Sequence[str]) -> list[str]:
+        """The ``candidates`` (common names) that name at least one module of this backbone, in
+        order: architectures differ in which exist (BERT has no single ``ff`` module, GPT-2 no
+        separate ``attn.q``), and a wrapper may hold several architectures."""
+        present = set()
+        for _, common in self.structure.items():
+            for name in candidates:
+                if common == name or common.endswith("." + name):
+                    present.add(name)
+        return [name for name in candidates if name in present]
+
     def build_delta(self, path: str, target: nn.Module) -> DeltaModule:
         raise NotImplementedError
 

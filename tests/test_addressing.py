@@ -153,3 +153,17 @@ def test_unmapped_model_uses_raw_names_and_defaults_need_targets():
     assert sum("unmapped" in str(w.message).lower() or "raw" in str(w.message).lower() for w in caught) >= 1
     with pytest.raises(ValueError, match="modified_modules"):
         LoraModel(Plain())
+
+
+class TwoBackbones(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.text = tiny_model("bert")[0]
+        self.gen = tiny_model("gpt2")[0]
+
+
+def test_lora_defaults_fit_each_backbone_of_a_wrapper():
+    model = TwoBackbones()
+    delta = LoraModel(model)
+    tails = sorted({s.path.split(".")[0] + ":" + s.path.split(".")[-1] for s in delta.slots})
+    assert tails == ["gen:c_attn", "text:query", "text:value"]

@@ -92,13 +92,7 @@ class BitFitModel(DeltaBase):
         self.add_all_delta_to_backbone()
 
     def default_targets(self):
-        # Architectures differ in which of these exist (BERT has no single "ff" module).
-        present = set()
-        for _, common in self.structure.items():
-            for name in self.default_modified_modules:
-                if common == name or common.endswith("." + name):
-                    present.add(name)
-        return [n for n in self.default_modified_modules if n in present]
+        return self.present_common_names(self.default_modified_modules)
 
     def select_targets(self):
         # A non-leaf target (a whole attention block) spreads to its biasable leaves; each leaf

@@ -135,7 +135,9 @@ class LoraModel(DeltaBase):
         self.add_all_delta_to_backbone()
 
     def default_targets(self):
-        return ["attn.qkv"] if self.structure.fused_qkv else list(self.default_modified_modules)
+        # q and v where they are separate, the fused projection where they are not; a wrapper
+        # holding both kinds of backbone gets each its own.
+        return self.present_common_names([*self.default_modified_modules, "attn.qkv"])
 
     def build_delta(self, path, target):
         in_features, out_features = linear_features(target)
