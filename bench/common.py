@@ -5,12 +5,14 @@ and every speed claim is a ratio against a reference measured in the same run.
 """
 from __future__ import annotations
 
+import json
 import platform
 import statistics
 import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Callable, Optional
 
 import torch
@@ -137,3 +139,12 @@ def add_ratios(rows: list[dict], ceilings: dict) -> None:
                 row[f"ratio_vs_{ref}"] = row["ms"] / peers[ref]["ms"]
         row["fraction_of_gemm_peak"] = row["tflops"] / ceilings["gemm_tflops"] if ceilings.get("gemm_tflops") else None
         row["fraction_of_copy_bw"] = row["gbps"] / ceilings["copy_gbps"] if ceilings.get("copy_gbps") else None
+
+
+def write_record(out_dir, file_name: str, record: dict) -> Path:
+    """Write one benchmark record as JSON under ``out_dir`` (created if missing)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / file_name
+    path.write_text(json.dumps(record, indent=2) + "\n")
+    return path

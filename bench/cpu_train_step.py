@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import statistics
 import sys
 import time
@@ -116,10 +115,9 @@ def main(argv=None) -> int:
         print(f"dropout {p:<5}: odelta_fast {m['odelta_fast'] * 1e3:8.1f} ms | peft {m['peft'] * 1e3:8.1f} ms | "
               f"ours / peft = {result['ratio_ours_over_peft']:.3f}  (target <= 1.0)")
     if args.out and not args.small:
-        out_dir = Path(args.out)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        path = out_dir / f"{record['date']}-cpu-train-step.json"
-        path.write_text(json.dumps(record, indent=2) + "\n")
+        from common import write_record
+
+        path = write_record(args.out, f"{record['date']}-cpu-train-step.json", record)
         print(f"wrote {path.name}")
     return 0
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import sys
 from pathlib import Path
 
@@ -158,7 +157,7 @@ def main(argv=None) -> int:
         print(f"  {key:32s} {value:6.2f}")
     print("targets: mixed_over_single <= 1.3, peft_over_mixed >= 5, merge bandwidth >= 0.80 of copy")
 
-    from common import environment
+    from common import environment, write_record
 
     record = {
         "benchmark": "multi_delta", "when": dt.datetime.now(dt.timezone.utc).isoformat(),
@@ -166,11 +165,8 @@ def main(argv=None) -> int:
         "times_ms": results, "ratios": ratios,
         "cuda_extension": cuda_ext.unavailable_reason() or "built",
     }
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"multi_delta-{record['when'][:19].replace(':', '')}.json"
-    path.write_text(json.dumps(record, indent=2) + "\n")
-    print(f"wrote {path}")
+    path = write_record(args.out, f"multi_delta-{record['when'][:19].replace(':', '')}.json", record)
+    print(f"wrote {path.name}")
     return 0
 
 

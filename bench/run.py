@@ -77,21 +77,30 @@ def markdown(record: dict) -> str:
              "", "| suite | mode | shape | provider | ms | TFLOP/s | GB/s | vs base | vs eager | vs PEFT | vs copy |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
 
-    fmt = _fmt
     for r in record["rows"]:
-        shape = ", ".join(f"{k}={v}" for k, v in r["shape"].items())
-        lines.append(f"| {r['suite']} | {r['mode']} | {shape} | {r['provider']} | {r['ms']:.3f} | {r['tflops']:.1f} | "
-                     f"{r['gbps']:.0f} | {fmt(r.get('ratio_vs_base'))} | {fmt(r.get('ratio_vs_eager'))} | "
-                     f"{fmt(r.get('ratio_vs_peft'))} | {fmt(r.get('ratio_vs_copy'))} |")
-    if record.get("e2e"):
-        lines += ["", "| end-to-end training | tokens/s | peak memory (GiB) | vs PEFT |", "|---|---|---|---|"]
-        for r in record["e2e"]:
-            lines.append(_e2e_line(r))
-    return "\n".join(lines) + "\n"
+        lines.append(f"| {r['suite']} | {r['mode']} | {_shape(r)} | {r['provider']} | {r['ms']:.3f} | "
+                     f"{r['tflops']:.1f} | {r['gbps']:.0f} | {_ratio_cells(r)} |")
+    return "\n".join(lines + _e2e_table(record)) + "\n"
 
 
 def _fmt(value, spec=".2f") -> str:
     return "" if value is None else format(value, spec)
+
+
+def _shape(r: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in r["shape"].items())
+
+
+def _ratio_cells(r: dict) -> str:
+    """The "vs base | vs eager | vs PEFT | vs copy" cells of a row."""
+    return " | ".join(_fmt(r.get(f"ratio_vs_{ref}")) for ref in ("base", "eager", "peft", "copy"))
+
+
+def _e2e_table(record: dict) -> list[str]:
+    if not record.get("e2e"):
+        return []
+    return ["", "| end-to-end training | tokens/s | peak memory (GiB) | vs PEFT |", "|---|---|---|---|",
+            *(_e2e_line(r) for r in record["e2e"])]
 
 
 def _e2e_line(r: dict) -> str:
@@ -127,14 +136,8 @@ def summary(record: dict) -> str:
              + _headline(rows, "merge", "merge", {"r": 16})
              + _headline(rows, "multi", "decode", {"batch": "mixed"}) + _headline(rows, "multi", "decode", {"batch": "one delta"}))
     for r in picks:
-        shape = ", ".join(f"{k}={v}" for k, v in r["shape"].items())
-        lines.append(f"| {r['suite']} {r['mode']} | {shape} | {r['provider']} | {r['ms']:.3f} | "
-                     f"{_fmt(r.get('ratio_vs_base'))} | {_fmt(r.get('ratio_vs_eager'))} | {_fmt(r.get('ratio_vs_peft'))} | "
-                     f"{_fmt(r.get('ratio_vs_copy'))} |")
-    if record.get("e2e"):
-        lines += ["", "| end-to-end training | tokens/s | peak memory (GiB) | vs PEFT |", "|---|---|---|---|"]
-        lines += [_e2e_line(r) for r in record["e2e"]]
-    return "\n".join(lines) + "\n"
+        lines.append(f"| {r['suite']} {r['mode']} | {_shape(r)} | {r['provider']} | {r['ms']:.3f} | {_ratio_cells(r)} |")
+    return "\n".join(lines + _e2e_table(record)) + "\n"
 
 
 def plot(record: dict, path: Path) -> bool:
