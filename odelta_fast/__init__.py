@@ -10,6 +10,7 @@ import logging as _logging
 import os as _os
 
 from .auto import AutoDeltaConfig, AutoDeltaModel, BaseDeltaConfig
+from .checkpoint import CheckpointError
 from .delta import DeltaBase
 from .methods.adapter import AdapterModel
 from .methods.bitfit import BitFitModel
@@ -51,7 +52,8 @@ def __getattr__(name):
 
 
 __all__ = [
-    "AdapterModel", "AutoDeltaConfig", "AutoDeltaModel", "BaseDeltaConfig", "BitFitModel", "CompacterModel",
+    "AdapterModel", "AutoDeltaConfig", "AutoDeltaModel", "BaseDeltaConfig", "BitFitModel", "CheckpointError",
+    "CompacterModel",
     "DeltaBase", "LoraModel", "LowRankAdapterModel", "MultiDelta", "ParallelAdapterModel", "PrefixModel", "SoftPromptModel",
     "__version__",
 ]

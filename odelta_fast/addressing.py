@@ -22,6 +22,26 @@ from torch import nn
 
 REGEX_PREFIX = "[r]"
 ALL_LINEAR = "all-linear"
+# Class attribute set on every delta module: addressing never selects a delta or what is inside
+# one (an adapter's own Linear layers are not the backbone's), so attach order does not change
+# what a spec selects.
+DELTA_MARKER = "_odelta_is_delta"
+
+
+def is_delta_module(module: nn.Module) -> bool:
+    return getattr(type(module), DELTA_MARKER, False)
+
+
+def backbone_modules(model: nn.Module):
+    """``named_modules()`` of the backbone, without delta modules and their insides."""
+    inside: list[str] = []
+    for path, module in model.named_modules():
+        if inside and any(path.startswith(p) for p in inside):
+            continue
+        if is_delta_module(module):
+            inside.append(path + ".")
+            continue
+        yield path, module
 
 # Raw names other architectures use for a common name; lets the "no match" error point a user
 # who typed a LLaMA name on a BERT at the right module.
@@ -126,13 +146,14 @@ def select_modules(
     matcher = NameMatcher([s for s in raw_specs if s != ALL_LINEAR])
     excluder = NameMatcher(exclude_modules)
     common_of = _common_lookup(structure, common_structure)
+    virtual_parent_of = _virtual_parent_lookup(structure, common_structure)
     raw_ok = common_structure is not True
     heads = structure.output_head_paths() if structure is not None else set()
     lin_types = linear_types()
 
     selected: list[tuple[str, nn.Module]] = []
     used: set[str] = set()
-    for path, module in model.named_modules():
+    for path, module in backbone_modules(model):
         if not path:
             continue
         common = common_of(path)
@@ -144,6 +165,9 @@ def select_modules(
             hit = True
             used.add(ALL_LINEAR)
         spec = matcher.matching_spec(raw or "", common)
+        if spec is None and common is not None:
+            # BERT has no single ``ff`` module: ``ff`` stands for ``ff.w1`` and ``ff.w2`` there.
+            spec = matcher.matching_spec("", virtual_parent_of(common))
         if spec is not None and (module_types is None or isinstance(module, module_types)):
             hit = True
             used.add(spec.text)
@@ -156,6 +180,24 @@ def select_modules(
     return selected
 
 
+def _virtual_parent_lookup(structure, use_common: Optional[bool]):
+    """``common -> the common name of its parent`` when no module carries that parent name
+    (``block.0.ff.w1 -> block.0.ff`` on BERT, whose feed-forward has no module of its own). The
+    projections stand for the sub-layer, not its norm: ``ff.layer_norm`` is named on its own, and
+    on architectures with an ``ff`` module the norm sits outside it."""
+    if structure is None or use_common is False or not getattr(structure, "mapped", False):
+        return lambda common: None
+    present = {common for _, common in structure.items()}
+
+    def parent(common: str) -> Optional[str]:
+        if "." not in common or common.endswith(".layer_norm"):
+            return None
+        up = common.rsplit(".", 1)[0]
+        return None if up in present or up.rsplit(".", 1)[-1].isdigit() else up
+
+    return parent
+
+
 def _is_head_name(path: str, common: Optional[str]) -> bool:
     last = path.rsplit(".", 1)[-1]
     return common == "lm_head" or last in ("lm_head", "classifier", "score", "qa_outputs")
@@ -165,7 +207,7 @@ def candidate_paths(model: nn.Module, structure=None, module_types=None) -> list
     common_of = _common_lookup(structure, None)
     return [
         (path, common_of(path))
-        for path, module in model.named_modules()
+        for path, module in backbone_modules(model)
         if path and (module_types is None or isinstance(module, module_types))
     ]
 

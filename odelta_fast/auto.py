@@ -40,7 +40,8 @@ class BaseDeltaConfig:
         cls = model_class(delta_type)
         accepted = _init_kwargs(cls)
         # Keys a saved checkpoint carries for bookkeeping, not for the constructor.
-        informational = {"backbone_class", "targets", "odelta_fast_version", "weights_file", "format_version"}
+        informational = {"backbone_class", "backbone_model_type", "targets", "odelta_fast_version", "weights_file",
+                         "format_version"}
         unknown = sorted(set(kwargs) - set(accepted) - informational)
         if unknown:
             raise ValueError(f"{cls.__name__} does not take {unknown}; accepted keys: {sorted(accepted)}")

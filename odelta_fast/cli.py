@@ -50,12 +50,10 @@ def _error(message: str) -> None:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     from . import logging_utils
 
-    try:
-        logging_utils.env_level()
-    except ValueError as err:  # a bad ODELTA_VERBOSITY
-        _error(str(err))
-        return EXIT_USAGE
-    with logging_utils.configured():
+    problem = logging_utils.invalid_verbosity()
+    if problem:  # a typo in ODELTA_VERBOSITY: say so once, then run at the default level
+        print(f"odelta-fast: warning: {problem}", file=sys.stderr)
+    with logging_utils.configured(warn=False):
         return _run(argv, logging_utils.is_debug())
 
 

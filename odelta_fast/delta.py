@@ -16,8 +16,8 @@ from typing import Any, ClassVar, Iterator, Optional, Sequence
 import torch
 from torch import nn
 
-from . import checkpoint, routing
-from .addressing import NameMatcher, select_modules
+from . import checkpoint, merging, routing
+from .addressing import DELTA_MARKER, NameMatcher, select_modules
 from .structure import structure_map
 
 logger = logging.getLogger("odelta_fast")
@@ -32,10 +32,12 @@ LOAD_PREFIX_ATTR = "_odelta_load_prefix"
 
 class DeltaModule(nn.Module):
     """The delta attached to one target module; subclasses set ``route_kind`` (see ``routing``)
-    and implement the matching hook, plus ``merge``/``unmerge`` where the delta can be folded."""
+    and implement the matching hook, plus ``fold_`` where the delta can be merged into the
+    target's parameter ``merge_parameter``."""
 
     route_kind: ClassVar[str] = "sequential"
     mergeable: ClassVar[bool] = False
+    merge_parameter: ClassVar[str] = "weight"
 
     def __init__(self, backend: str = "auto"):
         super().__init__()
@@ -47,11 +49,16 @@ class DeltaModule(nn.Module):
         # A merged delta lives in the base weights; routing it too would count it twice.
         return not self.merged
 
-    def merge(self, target: nn.Module) -> None:
+    def fold_(self, target: nn.Module, param: torch.Tensor) -> None:
+        """Add this delta's contribution to ``param`` (the target's ``merge_parameter``, or a
+        snapshot of it) in place, with one rounding."""
         raise NotImplementedError
 
+    def merge(self, target: nn.Module) -> None:
+        merging.merge(target, self)
+
     def unmerge(self, target: nn.Module) -> None:
-        raise NotImplementedError
+        merging.unmerge(target, self)
 
     def backend_for(self, target: nn.Module) -> str:
         """The concrete backend this delta's op runs on, for ``log()``."""
@@ -65,6 +72,26 @@ class DeltaModule(nn.Module):
 
     def implemented_backends(self) -> tuple[str, ...]:
         return ()
+
+    def check_backend(self, target: nn.Module) -> None:
+        """Refuse, at attach time, an explicitly requested backend that cannot run this delta on
+        the target's device and dtype (``backend="triton"`` on CPU tensors without Triton's
+        interpreter, ``"cuda"`` on CPU), rather than fail at the first forward."""
+        from .ops.backend import resolve_backend
+
+        if self.backend in ("auto", "eager"):
+            return
+        param = next((p for p in target.parameters(recurse=False) if p.is_floating_point()), None)
+        if param is None:
+            param = next((p for p in self.parameters() if p.is_floating_point()), None)
+        if param is None:
+            return
+        resolve_backend(type(self).__name__, self.backend, param.device,
+                        implemented=self.implemented_backends(), dtype=param.dtype)
+
+
+# Addressing never selects a delta module or what it contains.
+setattr(DeltaModule, DELTA_MARKER, True)
 
 
 @dataclass
@@ -140,13 +167,15 @@ class DeltaBase:
         return list(self.default_modified_modules)
 
     def present_common_names(self, candidates: Sequence[str]) -> list[str]:
-        """The ``candidates`` (common names) that name at least one module of this backbone, in
-        order: architectures differ in which exist (BERT has no single ``ff`` module, GPT-2 no
-        separate ``attn.q``), and a wrapper may hold several architectures."""
+        """The ``candidates`` (common names) that name at least one module of this backbone, or
+        the parent of some (BERT's ``ff``, whose ``ff.w1`` / ``ff.w2`` exist but no module of its
+        own), in order: architectures differ in which exist (GPT-2 has no separate ``attn.q``),
+        and a wrapper may hold several architectures."""
         present = set()
         for _, common in self.structure.items():
+            names = (common, common.rsplit(".", 1)[0]) if "." in common else (common,)
             for name in candidates:
-                if common == name or common.endswith("." + name):
+                if any(n == name or n.endswith("." + name) for n in names):
                     present.add(name)
         return [name for name in candidates if name in present]
 
@@ -176,6 +205,11 @@ class DeltaBase:
         building leaves the backbone untouched."""
         targets = self.select_targets()
         built = [Slot(path, module, self.name, self.build_delta(path, module)) for path, module in targets]
+        for slot in built:
+            try:
+                slot.delta.check_backend(slot.target)
+            except ValueError as err:
+                raise ValueError(f"{type(self).__name__} on {type(slot.target).__name__} at {slot.path!r}: {err}") from None
         for slot in built:
             # A new module starts in training mode; follow the target, or a delta attached to an
             # eval-mode backbone would run dropout at inference.
@@ -208,10 +242,14 @@ class DeltaBase:
                 routing.detach(slot.target, slot.child_name)
             raise
         self.attached = True
+        self._swap_claimed_parameters()
         return self
 
     def detach(self) -> "DeltaBase":
-        """Remove this delta from the backbone; its forward is then exactly the original."""
+        """Remove this delta from the backbone: its forward is then exactly the original, and
+        backbone parameters it trained or loaded (``unfrozen_modules``, PEFT's
+        ``modules_to_save``) hold their original values again (``attach()`` puts the trained
+        ones back)."""
         if not self.attached:
             return self
         if self.is_merged:
@@ -219,7 +257,39 @@ class DeltaBase:
         for slot in reversed(self.slots):
             routing.detach(slot.target, slot.child_name)
         self.attached = False
+        self._swap_claimed_parameters()
         return self
+
+    # ------------------------------------------------------------------ claimed backbone parameters
+    # Backbone parameters the delta trains in place (``unfrozen_modules``) or loads values into
+    # keep their original values in ``_claimed_originals`` from the moment the delta claims them;
+    # while the delta is detached, its own values wait in ``_claimed_values``.
+    def _claim(self, params: dict[str, nn.Parameter]) -> None:
+        originals = self.__dict__.setdefault("_claimed_originals", {})
+        for name, param in params.items():
+            if name not in originals:
+                originals[name] = (param, param.detach().clone())
+
+    def _swap_claimed_parameters(self) -> None:
+        originals = self.__dict__.get("_claimed_originals", {})
+        if not originals:
+            return
+        with torch.no_grad():
+            if self.attached:  # attach: the delta's values go back in
+                values = self.__dict__.pop("_claimed_values", {})
+                for name, (param, _) in originals.items():
+                    if name in values:
+                        param.copy_(values[name])
+            else:  # detach: keep the delta's values, restore the backbone's
+                self.__dict__["_claimed_values"] = {name: param.detach().clone() for name, (param, _) in originals.items()}
+                for param, original in originals.values():
+                    param.copy_(original)
+
+    def _claimed_parameter_values(self) -> dict[str, torch.Tensor]:
+        """The delta's own values of the backbone parameters it claimed, attached or not."""
+        found = {name: p.detach() for name, p in self._unfrozen_backbone_parameters(self.unfrozen_modules).items()}
+        found.update(self.__dict__.get("_claimed_values", {}))
+        return found
 
     # ------------------------------------------------------------------ parameters
     def named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
@@ -261,7 +331,9 @@ class DeltaBase:
         tensors, so trainers that save ``state_dict()`` save the delta, not the model."""
         module = self.backbone_model if module is None else module
         exclude = list(self.unfrozen_modules if exclude is None else exclude)
-        keep_trainable = {id(p) for p in self._unfrozen_backbone_parameters(exclude).values()}
+        unfrozen = self._unfrozen_backbone_parameters(exclude)
+        self._claim(unfrozen)
+        keep_trainable = {id(p) for p in unfrozen.values()}
         for param in module.parameters():
             owner = getattr(param, DELTA_PARAM_ATTR, None)
             if owner == self.name:
@@ -310,6 +382,7 @@ class DeltaBase:
             "unfrozen_modules": self.unfrozen_modules,
             "common_structure": self.common_structure,
             "backbone_class": type(self.backbone_model).__name__,
+            "backbone_model_type": backbone_model_type(self.backbone_model),
             "targets": [slot.path for slot in self.slots],
             "odelta_fast_version": __version__,
             **self.hyperparameters(),
@@ -319,7 +392,7 @@ class DeltaBase:
         """This delta's tensors plus the backbone parameters of modules the user unfroze,
         keyed by their names in the backbone."""
         tensors = {name: p.detach() for name, p in self.named_parameters()}
-        tensors.update({name: p.detach() for name, p in self._unfrozen_backbone_parameters(self.unfrozen_modules).items()})
+        tensors.update(self._claimed_parameter_values())
         _refuse_sharded(tensors)
         return tensors
 
@@ -365,12 +438,17 @@ class DeltaBase:
             # The saved name is taken on this backbone (a second checkpoint of the same type):
             # load under a fresh name rather than refuse.
             overrides = dict(overrides, name=None)
-        delta = cls.from_config(config, backbone_model, **overrides)
+        try:
+            delta = cls.from_config(config, backbone_model, **overrides)
+        except ValueError as err:
+            raise _with_architecture_note(err, config, backbone_model) from None
         try:
             delta.load_delta_state_dict(tensors, expected_targets=config.get("targets"),
                                         source=str(finetuned_delta_path), saved_name=config.get("name"))
-        except BaseException:
+        except BaseException as err:
             delta.remove()
+            if isinstance(err, ValueError):
+                raise _with_architecture_note(err, config, backbone_model) from None
             raise
         return delta
 
@@ -405,6 +483,7 @@ class DeltaBase:
             raise checkpoint.CheckpointError(
                 f"cannot load {source} into {type(self.backbone_model).__name__}:\n  " + "\n  ".join(problems)
             )
+        self._claim(self._unfrozen_backbone_parameters(self.unfrozen_modules))
         with torch.no_grad():
             for name, param in own.items():
                 param.copy_(tensors[name].to(device=param.device, dtype=param.dtype))
@@ -423,9 +502,49 @@ class DeltaBase:
         return renamed
 
     def remove(self) -> None:
-        """Detach and forget this delta: its name is free again."""
+        """Detach and forget this delta: its name is free again; with the last delta gone, the
+        backbone's ``state_dict()`` and load hooks are its own again."""
         self.detach()
-        self.backbone_model.__dict__.get(REGISTRY_ATTR, {}).pop(self.name, None)
+        self.__dict__.pop("_claimed_originals", None)
+        self.__dict__.pop("_claimed_values", None)
+        self._forget()
+
+    def _forget(self) -> None:
+        registry = self.backbone_model.__dict__.get(REGISTRY_ATTR, {})
+        registry.pop(self.name, None)
+        if not registry:
+            self.backbone_model.__dict__.pop(REGISTRY_ATTR, None)
+            remove_state_dict_filter(self.backbone_model)
+
+    def merge_and_unload(self, progress: Optional[bool] = None) -> nn.Module:
+        """Fold this delta into the backbone's weights for good and remove every trace of it
+        (its modules, the routing, its name, and with the last delta the ``state_dict`` filter);
+        returns the backbone, a plain model ``save_pretrained`` writes whole. Module by module,
+        keeping no copy of the original weights. A delta that cannot be folded (adapters,
+        prefixes, BitFit on modules without a bias) is refused before anything changes. Backbone
+        modules it trained (``unfrozen_modules``) keep their trained values."""
+        from tqdm.auto import tqdm
+
+        from .logging_utils import tqdm_disable
+
+        if not self.attached:
+            raise RuntimeError(f"delta {self.name!r} is detached; attach() it before merge_and_unload()")
+        blocked = [slot.path or "<root>" for slot in self.slots if not slot.delta.mergeable]
+        if blocked:
+            raise ValueError(
+                f"{type(self).__name__} {self.name!r} cannot be folded into the weights of {len(blocked)} module(s) "
+                f"({', '.join(blocked[:5])}{', ...' if len(blocked) > 5 else ''}): it adds computation there "
+                "rather than changing an existing weight or bias; keep it attached, or save it with save_finetuned()")
+        with torch.no_grad():
+            for slot in tqdm(self.slots, desc=f"merging {self.name}", unit="module", disable=tqdm_disable(progress)):
+                merging.fold_permanently(slot.target, slot.delta)
+                slot.delta.merged = False
+                routing.detach(slot.target, slot.child_name)
+        self.slots = []
+        self.attached = False
+        self.__dict__.pop("_claimed_originals", None)
+        self._forget()
+        return self.backbone_model
 
     # ------------------------------------------------------------------ inspection
     def log(self, module: Optional[nn.Module] = None, console=None, **kwargs) -> None:
@@ -437,6 +556,31 @@ class DeltaBase:
     def __repr__(self) -> str:
         state = "merged" if self.is_merged else ("attached" if self.attached else "detached")
         return f"{type(self).__name__}(name={self.name!r}, targets={len(self.slots)}, {state})"
+
+
+def backbone_model_type(model: nn.Module) -> Optional[str]:
+    """``config.model_type`` of the (outermost) transformers model in ``model``, if any."""
+    for module in model.modules():
+        model_type = getattr(getattr(module, "config", None), "model_type", None)
+        if isinstance(model_type, str):
+            return model_type
+    return None
+
+
+def _with_architecture_note(err: ValueError, config: dict, backbone: nn.Module) -> ValueError:
+    """``err`` with the architecture the checkpoint was trained on, when it is not this one's:
+    a shape mismatch is then explained, not just listed."""
+    trained_on = config.get("backbone_model_type")
+    here = backbone_model_type(backbone)
+    saved_class = config.get("backbone_class")
+    if trained_on and here and trained_on != here:
+        note = f"the checkpoint was trained on a {trained_on} model ({saved_class}); this backbone is a {here} model " \
+               f"({type(backbone).__name__})"
+    elif not trained_on and saved_class and saved_class != type(backbone).__name__:
+        note = f"the checkpoint was trained on {saved_class}; this backbone is {type(backbone).__name__}"
+    else:
+        return err
+    return type(err)(f"{err}\n  ({note})")
 
 
 def _refuse_sharded(tensors: dict[str, torch.Tensor]) -> None:
@@ -456,9 +600,25 @@ def _trainable_or_delta_keys(model: nn.Module) -> set[str]:
     return {n for n, p in model.named_parameters() if p.requires_grad or hasattr(p, DELTA_PARAM_ATTR)}
 
 
+def _merged_delta_keys(model: nn.Module) -> Optional[set[str]]:
+    """Keys of the tensors of merged delta modules, or None when nothing is merged."""
+    merged = [(path, m) for path, m in model.named_modules() if isinstance(m, DeltaModule) and m.merged]
+    if not merged:
+        return None
+    return {f"{path}.{name}" if path else name for path, m in merged for name, _ in m.state_dict().items()}
+
+
 def _filtered_state_dict(self, *args, **kwargs):
     full = type(self).state_dict(self, *args, **kwargs)
     prefix = kwargs.get("prefix", args[1] if len(args) > 1 else "")
+    merged = _merged_delta_keys(self)
+    if merged is not None:
+        # A merged model is a deployable model (save_pretrained must write every weight): all of
+        # it, less the tensors of deltas that now live inside the weights.
+        drop = {prefix + k for k in merged}
+        for key in [k for k in full if k in drop]:
+            del full[key]
+        return full
     keep = {prefix + k for k in _trainable_or_delta_keys(self)}
     for key in list(full):
         # Inside a wrapper (DDP's ``module.``, a user's container) ``full`` is the caller's

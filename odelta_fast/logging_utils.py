@@ -52,16 +52,35 @@ def parse_level(value: Union[str, int, None], source: str = ENV_VAR) -> int:
     raise ValueError(f"{source}={value!r} is not a verbosity; expected one of {', '.join(LEVELS)}")
 
 
-def env_level() -> int:
-    return parse_level(os.environ.get(ENV_VAR))
+_warned: set = set()
+
+
+def invalid_verbosity() -> Optional[str]:
+    """What is wrong with ``ODELTA_VERBOSITY``, or None when it is unset or a level."""
+    try:
+        parse_level(os.environ.get(ENV_VAR))
+    except ValueError as err:
+        return f"{err}; using {logging.getLevelName(DEFAULT_LEVEL).lower()}"
+    return None
+
+
+def env_level(warn: bool = True) -> int:
+    """The level ``ODELTA_VERBOSITY`` asks for; a value that is not a level means the default,
+    with one warning (a typo in a logging variable must not stop a program)."""
+    problem = invalid_verbosity()
+    if problem is None:
+        return parse_level(os.environ.get(ENV_VAR))
+    if warn and problem not in _warned:
+        _warned.add(problem)
+        import warnings
+
+        warnings.warn(problem, stacklevel=2)
+    return DEFAULT_LEVEL
 
 
 def is_debug() -> bool:
     """True when ``ODELTA_VERBOSITY=debug``: the command line then shows tracebacks."""
-    try:
-        return env_level() <= logging.DEBUG
-    except ValueError:
-        return False
+    return env_level(warn=False) <= logging.DEBUG
 
 
 def set_verbosity(level: Union[str, int]) -> None:
@@ -100,16 +119,15 @@ class _TqdmHandler(logging.Handler):
             self.handleError(record)
 
 
-def configure(level: Union[str, int, None] = None, stream=None) -> logging.Logger:
+def configure(level: Union[str, int, None] = None, stream=None, warn: bool = True) -> logging.Logger:
     """Install (once) the stderr handler on the package logger and set its level.
 
-    ``level`` defaults to ``ODELTA_VERBOSITY`` (WARNING when unset; a bad value raises
-    ``ValueError``). Records stop at the package logger (``propagate = False``): otherwise a root
+    ``level`` defaults to ``ODELTA_VERBOSITY`` (WARNING when unset or not a level). Records stop at the package logger (``propagate = False``): otherwise a root
     handler that ``basicConfig`` installed elsewhere would print each line a second time.
     Returns the package logger.
     """
     logger = get_logger()
-    resolved = env_level() if level is None else parse_level(level, source="verbosity")
+    resolved = env_level(warn) if level is None else parse_level(level, source="verbosity")
     logger.setLevel(resolved)
     handler = next((h for h in logger.handlers if getattr(h, _HANDLER_MARK, False)), None)
     if handler is None:
@@ -126,7 +144,7 @@ def configure(level: Union[str, int, None] = None, stream=None) -> logging.Logge
 
 
 @contextlib.contextmanager
-def configured(level: Union[str, int, None] = None, stream=None):
+def configured(level: Union[str, int, None] = None, stream=None, warn: bool = True):
     """``configure()`` for the duration of a block, then the previous state back (the package
     logger's level, handlers and propagation, and transformers' verbosity and progress bars), so
     that calling the command line in-process (tests, notebooks) leaves logging as it found it."""
@@ -139,7 +157,7 @@ def configured(level: Union[str, int, None] = None, stream=None):
     except ImportError:  # pragma: no cover - transformers is a dependency
         hf_logging, hf_saved = None, None
     try:
-        yield configure(level, stream)
+        yield configure(level, stream, warn)
     finally:
         logger.setLevel(saved[0])
         logger.handlers[:] = saved[1]

@@ -39,6 +39,7 @@ from torch import Tensor, nn
 
 from . import checkpoint, routing
 from .delta import DeltaBase, DeltaModule
+from .methods.kv_cache import cache_in
 from .methods.shapes import linear_features
 from .ops import multi_lora
 from .ops.backend import check_backend_name
@@ -117,8 +118,11 @@ class _Bank:
 class _Batch:
     """The ids of the batch being run, plus per-forward caches shared by every layer."""
 
-    def __init__(self, ids: Tensor):
+    def __init__(self, ids: Tensor, expandable: bool = False):
         self.ids = ids  # (B,) int64 slot ids, CPU
+        # generate() may run the backbone on k copies of each sequence (num_beams,
+        # num_return_sequences); anything else must see exactly one id per sequence.
+        self.expandable = expandable
         self._on: dict = {}
         self.rows: dict = {}
 
@@ -332,9 +336,9 @@ class MultiDelta:
 
     # ------------------------------------------------------------------ running
     @contextlib.contextmanager
-    def use(self, delta_ids) -> Iterator[Tensor]:
+    def use(self, delta_ids, *, _expandable: bool = False) -> Iterator[Tensor]:
         """Run the enclosed forwards (and ``generate``) with one delta id per sequence."""
-        batch = _Batch(self.ids_tensor(delta_ids))
+        batch = _Batch(self.ids_tensor(delta_ids), expandable=_expandable)
         stack = self._stack()
         stack.append(batch)
         try:
@@ -347,7 +351,7 @@ class MultiDelta:
             return self.backbone_model(*args, **kwargs)
 
     def generate(self, *args, delta_ids=None, **kwargs):
-        with self.use(delta_ids):
+        with self.use(delta_ids, _expandable=True):
             return self.backbone_model.generate(*args, **kwargs)
 
     def _stack(self) -> list:
@@ -363,12 +367,40 @@ class MultiDelta:
             pushed = self._local.pushed = []
         if "delta_ids" not in kwargs:
             pushed.append(None)
+            stack = self._stack()
+            if stack:
+                self._check_batch(stack[-1], args, kwargs)
             return None
         kwargs = dict(kwargs)
         batch = _Batch(self.ids_tensor(kwargs.pop("delta_ids")))
+        self._check_batch(batch, args, kwargs)
         self._stack().append(batch)
         pushed.append(batch)
         return args, kwargs
+
+    @staticmethod
+    def _check_batch(batch: _Batch, args, kwargs) -> None:
+        """One id per sequence of the forward: a list that merely divides the batch would be
+        repeated silently and give some sequences another sequence's delta."""
+        inputs = next((kwargs[k] for k in ("input_ids", "inputs_embeds", "pixel_values")
+                       if isinstance(kwargs.get(k), Tensor)), None)
+        if inputs is None:
+            inputs = next((a for a in args if isinstance(a, Tensor)), None)
+        if inputs is None or inputs.dim() == 0:
+            return
+        sequences, ids = inputs.shape[0], batch.ids.shape[0]
+        if sequences == ids:
+            return
+        # Inside generate() (ours, or the backbone's with a KV cache) beams / returned sequences
+        # are k adjacent copies of each input sequence.
+        generating = batch.expandable or cache_in(kwargs) is not None
+        if generating and ids and sequences % ids == 0:
+            return
+        raise ValueError(
+            f"MultiDelta: got {ids} delta ids for a batch of {sequences} sequences; pass exactly one id per "
+            "sequence (None / 'base' / -1 for the backbone alone)"
+            + ("; for num_beams / num_return_sequences call multi.generate(..., delta_ids=...)" if not generating
+               and ids and sequences % ids == 0 else ""))
 
     def _post_hook(self, module, args, output):
         pushed = getattr(self._local, "pushed", None)

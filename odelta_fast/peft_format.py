@@ -15,16 +15,14 @@ import json
 import logging
 import os
 import re
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .checkpoint import CheckpointError
+from .checkpoint import CheckpointError, atomic_write, read_json, read_safetensors, save_tensors
 
 logger = logging.getLogger("odelta_fast")
 
@@ -59,26 +57,29 @@ def is_peft_checkpoint(path: str | os.PathLike) -> bool:
     if not config.is_file():
         return False
     try:
-        return "peft_type" in json.loads(config.read_text())
-    except json.JSONDecodeError:
+        return "peft_type" in read_json(config)
+    except CheckpointError:
         return False
+
+
+# Heads PEFT adds to ``modules_to_save`` by itself for these task types, and then expects in the
+# adapter file (a SEQ_CLS adapter without them makes PeftModel.from_pretrained raise KeyError).
+_TASK_HEADS = {"SEQ_CLS": ("classifier", "score"), "TOKEN_CLS": ("classifier", "score"),
+               "QUESTION_ANS": ("qa_outputs",)}
+
+
+def _task_heads(model: nn.Module, task_type) -> list[str]:
+    names = _TASK_HEADS.get(task_type, ())
+    heads: list[str] = []
+    for path, _ in model.named_modules():
+        if path and path.rsplit(".", 1)[-1] in names and not any(path.startswith(h + ".") for h in heads):
+            heads.append(path)
+    return heads
 
 
 def _task_type(model: nn.Module):
     name = type(model).__name__
     return next((task for suffix, task in _TASK_TYPES if name.endswith(suffix)), None)
-
-
-def _atomic_save(directory: Path, name: str, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, directory / name)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def save_peft(delta, path: str | os.PathLike) -> str:
@@ -99,14 +100,22 @@ def save_peft(delta, path: str | os.PathLike) -> str:
             rank_pattern[re.escape(slot.path)] = slot.delta.r
         if slot.delta.alpha != delta.lora_alpha:
             alpha_pattern[re.escape(slot.path)] = slot.delta.alpha
-    unfrozen = delta._unfrozen_backbone_parameters(delta.unfrozen_modules)
-    for name, param in unfrozen.items():
-        tensors[PREFIX + name] = param
-    modules_to_save = sorted({name.rsplit(".", 1)[0] for name in unfrozen})
     backbone = delta.backbone_model
+    task_type = _task_type(backbone)
+    # The head PEFT would train for this task goes in too (its current values when this delta did
+    # not train it): PEFT's loader requires it, and it is what makes outputs equal on reload.
+    heads = _task_heads(backbone, task_type)
+    saved = {name: p for head in heads for name, p in backbone.get_submodule(head).named_parameters(prefix=head)}
+    saved.update(delta._claimed_parameter_values())
+    for name, param in saved.items():
+        tensors[PREFIX + name] = param
+    owners = sorted(set(heads) | {name.rsplit(".", 1)[0] for name in saved
+                                  if not any(name.startswith(h + ".") for h in heads)})
+    # One entry per outermost module: PEFT wraps each listed module, and nested wraps break it.
+    modules_to_save = [m for m in owners if not any(m.startswith(o + ".") for o in owners)]
     config = {
         "peft_type": "LORA",
-        "task_type": _task_type(backbone),
+        "task_type": task_type,
         "base_model_name_or_path": getattr(backbone, "name_or_path", None) or None,
         "inference_mode": True,
         "r": delta.lora_r,
@@ -123,9 +132,9 @@ def save_peft(delta, path: str | os.PathLike) -> str:
         "use_dora": False,
     }
     cpu = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
-    _atomic_save(directory, PEFT_WEIGHTS_NAME, lambda tmp: save_file(cpu, tmp, metadata={"format": "pt"}))
+    save_tensors(directory / PEFT_WEIGHTS_NAME, cpu, metadata={"format": "pt"})
     text = json.dumps(config, indent=2, sort_keys=True) + "\n"
-    _atomic_save(directory, PEFT_CONFIG_NAME, lambda tmp: Path(tmp).write_text(text))
+    atomic_write(directory / PEFT_CONFIG_NAME, lambda tmp: Path(tmp).write_text(text))
     return str(directory)
 
 
@@ -133,7 +142,7 @@ def read_peft_config(path: str | os.PathLike) -> dict[str, Any]:
     config_path = Path(path) / PEFT_CONFIG_NAME
     if not config_path.is_file():
         raise CheckpointError(f"{str(path)!r} holds no {PEFT_CONFIG_NAME}; is it a PEFT adapter directory?")
-    config = json.loads(config_path.read_text())
+    config = read_json(config_path, "PEFT adapter config")
     peft_type = config.get("peft_type")
     if peft_type != "LORA":
         raise CheckpointError(
@@ -163,7 +172,7 @@ def load_peft(path: str | os.PathLike, backbone_model: nn.Module, **overrides):
         pickle_hint = " (only a pickled adapter_model.bin is there, which is never unpickled here)" \
             if (Path(path) / PEFT_PICKLE_NAME).is_file() else ""
         raise CheckpointError(f"{str(path)!r} holds no {PEFT_WEIGHTS_NAME}{pickle_hint}")
-    raw = load_file(str(weights))
+    raw = read_safetensors(weights)
     tensors = {(k[len(PREFIX):] if k.startswith(PREFIX) else k): v for k, v in raw.items()}
     factors: dict[str, dict[str, torch.Tensor]] = {}
     extra: dict[str, torch.Tensor] = {}

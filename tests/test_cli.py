@@ -414,10 +414,15 @@ def test_debug_verbosity_shows_the_traceback(work, monkeypatch):
         main(["inspect", str(work["root"] / "none")])
 
 
-def test_bad_verbosity_is_an_error(monkeypatch, capsys):
+def test_bad_verbosity_warns_and_falls_back(monkeypatch, capsys):
+    """A typo in a logging variable must not stop every command (it did, even ``env``)."""
     monkeypatch.setenv("ODELTA_VERBOSITY", "loud")
-    assert main(["env"]) == 2
-    assert "ODELTA_VERBOSITY='loud'" in _error_line(capsys)
+    assert main(["env"]) == 0
+    captured = capsys.readouterr()
+    warning = [line for line in captured.err.splitlines() if "ODELTA_VERBOSITY" in line]
+    assert warning == ["odelta-fast: warning: ODELTA_VERBOSITY='loud' is not a verbosity; expected one of "
+                       "debug, info, warning, error, critical; using warning"]
+    assert "odelta_fast" in captured.out  # env printed its report
 
 
 def test_logging_is_quiet_by_default_and_follows_odelta_verbosity(work, tmp_path, monkeypatch, capsys):
@@ -480,3 +485,103 @@ def test_resume_continues_to_the_same_delta_as_an_uninterrupted_run(work, tmp_pa
     assert "already finished" in _error_line(capsys)
     assert _train(work, tmp_path / "empty", "--max-steps", "7", "--resume") == 2
     assert "no complete checkpoint" in _error_line(capsys)
+
+
+# ---------------------------------------------------------------------- nothing silently wrong
+def test_encoder_without_labels_is_not_trained_as_a_causal_lm(work, tmp_path, capsys):
+    out = tmp_path / "bert-lm"
+    assert _train(work, out, "--max-steps", "1", model="bert", data="lm.csv") == 2
+    line = _error_line(capsys)
+    for fragment in ("no 'label' column (found 'text')", "BertConfig is an encoder-only model", "--label-column",
+                     "--task"):
+        assert fragment in line, (fragment, line)
+    assert not out.exists()  # nothing written for a run that never started
+
+
+def test_an_earlier_run_is_refused_without_overwrite_or_resume(work, tmp_path, capsys):
+    out = tmp_path / "twice"
+    assert _train(work, out, "--max-steps", "4", "--save-every", "2") == 0
+    assert _train(work, out, "--max-steps", "1") == 2
+    line = _error_line(capsys)
+    assert "holds an earlier run (checkpoint-2" in line and "--overwrite" in line and "--resume" in line
+    assert _train(work, out, "--max-steps", "1", "--overwrite") == 0
+    assert sorted(p.name for p in out.iterdir()) == ["final", "train_config.yaml", "train_log.jsonl"]
+    assert json.loads((out / "final" / "training.json").read_text())["step"] == 1
+
+
+def test_a_failed_run_leaves_nothing_behind(work, tmp_path, monkeypatch):
+    out = tmp_path / "failed"
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(train_cmd, "_optimizer_step", boom)
+    assert _train(work, out, "--max-steps", "2") == 1
+    assert not out.exists()
+
+
+def _corrupt(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def test_truncated_delta_and_model_files_are_named(work, trained_llama, tmp_path, capsys):
+    import shutil
+
+    delta = tmp_path / "delta"
+    shutil.copytree(trained_llama / "final", delta)
+    weights = next(delta.glob("delta-*.safetensors"))
+    _corrupt(weights)
+    assert main(["merge", "--model", str(work["llama"]), "--delta", str(delta), "-o", str(tmp_path / "m")]) == 2
+    line = _error_line(capsys)
+    assert weights.name in line and "truncated or corrupt" in line
+
+    model = tmp_path / "model"
+    shutil.copytree(work["llama"], model)
+    _corrupt(model / "model.safetensors")
+    for argv in (["inspect", str(model), "--no-tree"],
+                 ["merge", "--model", str(model), "--delta", str(trained_llama / "final"), "-o", str(tmp_path / "m")],
+                 ["train", "--model", str(model), "--data", str(work["root"] / "lm.csv"), "-o", str(tmp_path / "t")]):
+        assert main(argv) == 2, argv
+        line = _error_line(capsys)
+        assert "model.safetensors: not a readable safetensors file" in line and "truncated" in line, line
+
+
+@pytest.mark.parametrize("command", ["train", "merge", "inspect"])
+def test_a_garbage_model_config_is_blamed_on_the_config(work, trained_llama, tmp_path, capsys, command):
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(work["llama"], model)
+    (model / "config.json").write_text("{ this is not json")
+    argv = {
+        "train": ["train", "--model", str(model), "--data", str(work["root"] / "lm.csv"), "-o", str(tmp_path / "t")],
+        "merge": ["merge", "--model", str(model), "--delta", str(trained_llama / "final"), "-o", str(tmp_path / "m")],
+        "inspect": ["inspect", str(model)],
+    }[command]
+    assert main(argv) == 2
+    line = _error_line(capsys)
+    assert "config.json: the model config is not valid JSON" in line, line
+    assert "tokenizer" not in line and "--model-class" not in line
+
+
+def test_merging_onto_another_architecture_names_the_one_it_was_trained_on(work, tmp_path, capsys):
+    run = tmp_path / "gpt2-run"
+    assert _train(work, run, "--max-steps", "1", "--targets", "ff.w1", model="gpt2") == 0
+    assert main(["merge", "--model", str(work["llama"]), "--delta", str(run / "final"), "-o", str(tmp_path / "m"),
+                 "--model-class", "AutoModelForCausalLM"]) == 2
+    assert "trained on a gpt2 model" in _error_line(capsys)
+
+
+def test_files_written_by_the_commands_honour_the_umask(work, tmp_path):
+    out, merged = tmp_path / "run", tmp_path / "merged"
+    old = os.umask(0o022)
+    try:
+        assert _train(work, out, "--max-steps", "2", "--save-every", "1") == 0
+        assert main(["merge", "--model", str(work["llama"]), "--delta", str(out / "final"), "-o", str(merged),
+                     "--no-progress"]) == 0
+    finally:
+        os.umask(old)
+    files = [p for p in list(out.rglob("*")) + list(merged.rglob("*")) if p.is_file()]
+    assert len(files) > 8
+    modes = {p.relative_to(tmp_path).as_posix(): oct(p.stat().st_mode & 0o777) for p in files}
+    assert {k: v for k, v in modes.items() if v != "0o644"} == {}

@@ -1,4 +1,5 @@
-"""Gradient checkpointing with every method: under ``gradient_checkpointing_enable()``,
+"""Gradient checkpointing with every method: under transformers' activation checkpointing
+(``activation_checkpointing_enable()``, ``gradient_checkpointing_enable()`` before 5.24),
 reentrant and not, gradients reach every delta parameter and equal those computed without
 checkpointing (dropout included: checkpointing replays the RNG, and the LoRA op regenerates its
 mask from a seed drawn inside the recomputed forward)."""
@@ -10,7 +11,7 @@ import pytest
 import torch
 
 from odelta_fast import PrefixModel, SoftPromptModel
-from odelta_fast.integrations import enable_input_require_grads
+from odelta_fast.integrations import enable_activation_checkpointing, enable_input_require_grads
 from helpers import method_factories, randomize_
 from tiny_models import tiny_model
 
@@ -33,8 +34,9 @@ def _grads(arch, method, checkpointing, input_grads=False):
     delta.freeze_module()
     if checkpointing is not None:
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # deprecation of the old name / use_cache notices
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing)
+            # The name in use must not be a deprecated one on the installed transformers.
+            warnings.simplefilter("error", FutureWarning)
+            enable_activation_checkpointing(model, **checkpointing)
         assert any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
     if input_grads:
         enable_input_require_grads(model)

@@ -215,8 +215,20 @@ def test_errors_are_clear(served, tmp_path):
     try:
         with pytest.raises(RuntimeError, match="delta_ids"):
             model(input_ids=ids)
-        with pytest.raises(ValueError, match="leading dimension"):
+        with pytest.raises(ValueError, match="3 delta ids for a batch of 2 sequences"):
             model(input_ids=ids, delta_ids=["a", "a", "a"])
+        # A list that divides the batch is not silently repeated (the first sequence's delta
+        # would reach the second), neither as a keyword nor through use().
+        four = _tokens(4, SEQ)
+        with pytest.raises(ValueError, match="2 delta ids for a batch of 4 sequences"):
+            model(input_ids=four, delta_ids=["a", None])
+        with pytest.raises(ValueError, match="one id per sequence"), multi.use(["a", None]):
+            model(input_ids=four)
+        # generate() with beams runs k adjacent copies of each sequence: that is expected.
+        with torch.no_grad():
+            beams = multi.generate(input_ids=ids, delta_ids=["a", None], num_beams=2, max_new_tokens=2,
+                                   do_sample=False, pad_token_id=0)
+        assert beams.shape[0] == 2
         with pytest.raises(KeyError, match="'zzz'"):
             model(input_ids=ids, delta_ids=["a", "zzz"])
         with pytest.raises(ValueError, match="already loaded"):

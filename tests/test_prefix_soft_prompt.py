@@ -15,6 +15,8 @@ from torch import nn
 
 from odelta_fast import AutoDeltaModel
 from odelta_fast.delta import DELTA_PARAM_ATTR
+from odelta_fast.integrations import enable_activation_checkpointing
+from odelta_fast.methods.kv_cache import cache_in, cache_parameter
 from odelta_fast.methods.prefix import PrefixModel, PrefixReparameterization
 from odelta_fast.methods.soft_prompt import SoftPromptModel
 
@@ -131,8 +133,7 @@ def test_gradient_checkpointing(model_type, method, reentrant):
         delta = METHODS[method](model)
         delta.freeze_module()
         if checkpointing:
-            kwargs = {} if reentrant is None else {"gradient_checkpointing_kwargs": {"use_reentrant": reentrant}}
-            model.gradient_checkpointing_enable(**kwargs)
+            enable_activation_checkpointing(model, use_reentrant=reentrant)
         _grad_step(model, inputs)
         grads.append({name: p.grad for name, p in delta.named_parameters()})
     for name, grad in grads[1].items():
@@ -181,7 +182,7 @@ def test_prefix_equals_a_prefilled_cache(model_type, reparameterize, impl, maske
     for layer, (keys, values) in enumerate(prefixes):
         cache.update(keys.expand(batch, -1, -1, -1).contiguous(), values.expand(batch, -1, -1, -1).contiguous(), layer)
     with torch.no_grad():
-        want = model(input_ids=ids, past_key_values=cache, position_ids=torch.arange(length).expand(batch, -1),
+        want = model(input_ids=ids, **{cache_parameter(model): cache}, position_ids=torch.arange(length).expand(batch, -1),
                      attention_mask=torch.cat([torch.ones(batch, P, dtype=mask.dtype), mask], dim=1)).logits
     keep = mask.bool()
     torch.testing.assert_close(got[keep], want[keep], rtol=1e-5, atol=1e-5)
@@ -232,7 +233,7 @@ def test_generate_with_cache_matches_full_recompute(model_type, method):
     assert torch.equal(out.sequences, _greedy(model, ids, mask, steps))
     # The cache holds the real tokens (and a soft prompt's positions) but never a prefix.
     extra = P if method == "soft_prompt" else 0
-    assert out.past_key_values.get_seq_length() == ids.shape[1] + steps - 1 + extra
+    assert cache_in(dict(out)).get_seq_length() == ids.shape[1] + steps - 1 + extra
     delta.detach()
     with torch.no_grad():
         plain = model.generate(**generate)
@@ -390,3 +391,56 @@ def test_soft_prompt_init_range_and_validation():
         SoftPromptModel(model, soft_token_num=1000)
     with pytest.raises(ValueError, match="soft_token_num"):
         SoftPromptModel(model, soft_token_num=0)
+
+
+# ---------------------------------------------------------------------- the cache argument
+MORE_DECODERS = ["opt", "mistral", "qwen2", "gemma2", "phi3", "gptj", "gpt_neox", "falcon"]
+
+
+@pytest.mark.parametrize("model_type", MORE_DECODERS)
+def test_prefix_on_the_other_listed_decoders(model_type):
+    """The README lists these beyond the five tested in depth: training reaches only the prefix,
+    detach is exact, and generate() with a KV cache equals recomputing every step."""
+    model, inputs = tiny_model(model_type)
+    base = _logits(model, inputs)
+    delta = _prefix(model)
+    delta.freeze_module()
+    assert not torch.allclose(_logits(model, inputs), base, atol=1e-5)
+    _grad_step(model, inputs)
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for _, p in delta.named_parameters())
+    ids, mask = inputs["input_ids"], torch.ones_like(inputs["input_ids"])
+    model.eval()  # no dropout while comparing decodes
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, min_new_tokens=4,
+                             do_sample=False, pad_token_id=0)
+    assert torch.equal(out, _greedy(model, ids, mask, 4))
+    delta.detach()
+    assert torch.equal(_logits(model, inputs), base)
+
+
+def test_cache_argument_is_found_by_what_it_is():
+    from transformers.cache_utils import Cache, DynamicCache
+
+    class Renamed(nn.Module):  # a future release renames the argument again
+        def forward(self, hidden_states, attention_mask=None, kv_store: Cache | None = None):
+            return hidden_states
+
+    class StringAnnotated(nn.Module):
+        def forward(self, hidden_states, memory: "Optional[EncoderDecoderCache]" = None):  # noqa: F821
+            return hidden_states
+
+    class Unannotated(nn.Module):
+        def forward(self, hidden_states, layer_past=None):
+            return hidden_states
+
+    class NoCache(nn.Module):
+        def forward(self, hidden_states, attention_mask=None, cache_position=None):
+            return hidden_states
+
+    assert cache_parameter(Renamed()) == "kv_store"
+    assert cache_parameter(StringAnnotated()) == "memory"
+    assert cache_parameter(Unannotated()) == "layer_past"
+    assert cache_parameter(NoCache()) is None  # cache_position is a tensor of positions, not a cache
+    cache = DynamicCache()
+    assert cache_in({"use_cache": True, "whatever": cache}) is cache
+    assert cache_in({"cache_position": torch.arange(3)}) is None

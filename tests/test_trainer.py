@@ -3,6 +3,7 @@ restores it exactly and continues the same run, and the routed forwards keep the
 model takes. No ``datasets`` package: plain torch Datasets and lists of dicts."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 
@@ -50,6 +51,14 @@ def _args(out, **overrides):
     )
     kwargs.update(overrides)
     return TrainingArguments(**kwargs)
+
+
+def _checkpointing_args(use_reentrant: bool) -> dict:
+    """TrainingArguments turning activation checkpointing on, under the names the installed
+    transformers uses (``activation_checkpointing`` since 5.24, ``gradient_checkpointing`` before)."""
+    fields = {f.name for f in dataclasses.fields(TrainingArguments)}
+    name = "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
+    return {name: True, f"{name}_kwargs": {"use_reentrant": use_reentrant}}
 
 
 def _delta_model(method):
@@ -180,8 +189,7 @@ def test_delta_callback_enables_input_grads_for_reentrant_checkpointing(tmp_path
     start = _delta_values(delta)
     g = torch.Generator().manual_seed(0)
     rows = [{"pixel_values": torch.randn(3, 16, 16, generator=g), "labels": i % 3} for i in range(8)]
-    args = _args(tmp_path, max_steps=2, save_strategy="no", gradient_checkpointing=True,
-                 gradient_checkpointing_kwargs={"use_reentrant": True})
+    args = _args(tmp_path, max_steps=2, save_strategy="no", **_checkpointing_args(use_reentrant=True))
     Trainer(model=model, args=args, train_dataset=rows, callbacks=[DeltaCallback(delta, save=False)]).train()
     assert any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
     moved = _delta_values(delta)

@@ -63,7 +63,45 @@ def model_dir(path: Optional[str], flag: str = "--model") -> Path:
     if not (directory / "config.json").is_file():
         raise CLIError(f"{where}: no config.json in this directory; expected a Hugging Face model directory "
                        "(written by save_pretrained)")
+    load_model_config(directory)  # a garbage config is reported as such, not blamed on what reads it next
+    check_weight_files(directory)
     return directory
+
+
+def load_model_config(directory: Path):
+    """The transformers config of a model directory; an unreadable ``config.json`` (not JSON, no
+    ``model_type``, a type this transformers does not know) is a CLIError naming the file."""
+    from transformers import AutoConfig
+
+    from ..checkpoint import CheckpointError, read_json
+
+    path = directory / "config.json"
+    try:
+        raw = read_json(path, "model config")
+    except CheckpointError as err:
+        raise CLIError(f"{one_line(err)}; expected the config.json that save_pretrained writes")
+    if not isinstance(raw.get("model_type"), str):
+        raise CLIError(f"{path}: the model config has no \"model_type\"; expected the config.json that "
+                       "save_pretrained writes")
+    try:
+        return AutoConfig.from_pretrained(str(directory))
+    except Exception as err:  # unknown model_type, bad field values: transformers' own message says which
+        raise CLIError(f"{path}: transformers cannot read this model config ({brief(err)})")
+
+
+def check_weight_files(directory: Path) -> None:
+    """Every safetensors file of a model directory has a readable header and the size it
+    declares: a truncated download is named here, not reported by ``from_pretrained`` as a raw
+    error without a file name."""
+    from safetensors import safe_open
+
+    for file in sorted(directory.glob("*.safetensors")):
+        try:
+            with safe_open(str(file), framework="pt") as handle:  # checks the header against the file size
+                handle.keys()
+        except Exception as err:
+            raise CLIError(f"{file}: not a readable safetensors file ({brief(err)}); it is truncated or "
+                           "corrupt: save or download the model again")
 
 
 def offline() -> None:
@@ -84,11 +122,7 @@ def dtype_from_name(name: Optional[str], flag: str = "--dtype") -> Any:
 
 
 def from_pretrained_kwargs(dtype: Any) -> dict[str, Any]:
-    # transformers 5 renamed torch_dtype= to dtype=; 4.x ignores an unknown dtype= silently.
-    import transformers
-
-    major = int(transformers.__version__.split(".")[0])
-    return {"dtype" if major >= 5 else "torch_dtype": dtype}
+    return {"dtype": dtype}
 
 
 def auto_class(name: str):
@@ -109,9 +143,7 @@ def architecture_class(directory: Path, override: Optional[str] = None):
     """The class a model directory was saved as (``config.architectures[0]``), else ``AutoModel``."""
     if override:
         return auto_class(override)
-    from transformers import AutoConfig
-
-    config = AutoConfig.from_pretrained(str(directory))
+    config = load_model_config(directory)
     for name in getattr(config, "architectures", None) or []:
         try:
             return auto_class(name)

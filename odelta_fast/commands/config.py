@@ -50,6 +50,7 @@ SCHEMA: dict[str, dict[str, tuple[str, Any]]] = {
         "device": ("str", "auto"),
         "progress": ("bool", None),
         "resume": ("bool", False),
+        "overwrite": ("bool", False),
     },
 }
 # "model: ./dir" stands for "model: {path: ./dir}"; likewise data and method.

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Optional
 
 from ..logging_utils import get_logger
-from .common import CLIError, architecture_class, method_class, model_dir, offline, one_line
+from .common import CLIError, architecture_class, load_model_config, method_class, model_dir, offline, one_line
 
 logger = get_logger("cli.inspect")
 
@@ -44,13 +44,9 @@ def add_parser(sub) -> None:
 
 def build_meta_model(directory: Path, class_name: Optional[str] = None):
     import torch
-    from transformers import AutoConfig
 
     cls = architecture_class(directory, class_name)
-    try:
-        config = AutoConfig.from_pretrained(str(directory))
-    except (OSError, ValueError, KeyError) as err:
-        raise CLIError(f"--model {directory}: cannot read config.json ({one_line(err)})")
+    config = load_model_config(directory)
 
     def build():
         if cls.__name__.startswith("Auto"):

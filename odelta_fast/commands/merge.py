@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
 import re
 import shutil
 import sys
@@ -110,33 +109,6 @@ def _not_mergeable(delta_arg: str, delta_type: str, detail: str = "") -> str:
             "AutoDeltaModel.from_finetuned(path, model) instead; mergeable: lora, bitfit (on modules with a bias)")
 
 
-def merge_and_unload(delta, progress: Optional[bool] = None) -> int:
-    """Merge every target module of ``delta`` and detach it, one module at a time, keeping no
-    copy of the original weights. Returns the number of merged modules. The delta object is
-    spent afterwards."""
-    import torch
-    from tqdm.auto import tqdm
-
-    from .. import routing
-    from ..delta import REGISTRY_ATTR, remove_state_dict_filter
-
-    with torch.no_grad():
-        for slot in tqdm(delta.slots, desc="merging", unit="module", disable=tqdm_disable(progress)):
-            slot.delta.merge(slot.target)
-            # Methods keep the original weight for unmerge(); we never unmerge, and keeping every
-            # copy would double the memory of every targeted weight.
-            for name, value in list(vars(slot.delta).items()):
-                if name.endswith("_backup") and isinstance(value, torch.Tensor):
-                    setattr(slot.delta, name, None)
-            routing.detach(slot.target, slot.child_name)
-    merged = len(delta.slots)
-    delta.slots = []
-    delta.attached = False
-    delta.backbone_model.__dict__.get(REGISTRY_ATTR, {}).pop(delta.name, None)
-    remove_state_dict_filter(delta.backbone_model)
-    return merged
-
-
 # ---------------------------------------------------------------------- sharded writing
 def _unit_of(key: str) -> str:
     """The group a tensor is written with: its numbered block (``model.layers.3``), else its module."""
@@ -193,8 +165,9 @@ def unique_state_dict(model) -> "OrderedDict[str, Any]":
 def write_weights(model, directory: Path, progress: Optional[bool] = None) -> list[str]:
     """Write the model's tensors as safetensors shards (see ``plan_shards``) plus an index;
     returns the shard file names."""
-    from safetensors.torch import save_file
     from tqdm.auto import tqdm
+
+    from ..checkpoint import atomic_write, save_tensors
 
     state = unique_state_dict(model)
     shards = plan_shards(state)
@@ -205,13 +178,14 @@ def write_weights(model, directory: Path, progress: Optional[bool] = None) -> li
     for name, keys in tqdm(list(zip(names, shards)), desc="writing", unit="shard", disable=tqdm_disable(progress)):
         # Only this shard's tensors are copied to the CPU and serialised: memory for one block.
         tensors = {k: state[k].detach().to("cpu").contiguous() for k in keys}
-        save_file(tensors, str(directory / name), metadata={"format": "pt"})
+        save_tensors(directory / name, tensors, metadata={"format": "pt"})
         total += sum(t.numel() * t.element_size() for t in tensors.values())
         weight_map.update({k: name for k in keys})
         del tensors
     if len(shards) > 1:
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-        (directory / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        text = json.dumps(index, indent=2, sort_keys=True) + "\n"
+        atomic_write(directory / INDEX_NAME, lambda tmp: Path(tmp).write_text(text))
     return names
 
 
@@ -226,14 +200,8 @@ def _copy_tokenizer_files(source: Path, target: Path) -> list[str]:
 
 
 def _write_config(model, directory: Path) -> None:
-    import transformers
-
     model.config.architectures = [type(model).__name__]
-    # The dtype the weights are written in, as save_pretrained records it.
-    if int(transformers.__version__.split(".")[0]) >= 5:
-        model.config.dtype = model.dtype
-    else:  # pragma: no cover - transformers 4.x
-        model.config.torch_dtype = model.dtype
+    model.config.dtype = model.dtype  # the dtype the weights are written in, as save_pretrained records it
     model.config.save_pretrained(str(directory))
     generation_config = getattr(model, "generation_config", None)
     if generation_config is not None:
@@ -297,26 +265,18 @@ def run(args: argparse.Namespace) -> int:
 
     inputs = None if args.no_verify else probe_inputs(model, args.verify_inputs)
     reference = None if inputs is None else _outputs(model, inputs)
-    merged = merge_and_unload(delta, progress=args.progress)
+    merged = len(delta.slots)
+    delta.merge_and_unload(progress=args.progress)
     logger.info("merged %d modules", merged)
     atol = args.atol if args.atol is not None else (1e-4 if model.dtype.itemsize >= 4 else 3e-2)
     diffs: dict[str, float] = {}
     if reference is not None:
         diffs["in memory"] = (_outputs(model, inputs) - reference).abs().max().item()
 
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with checkpoint.atomic_directory(out) as tmp:
         _write_config(model, tmp)
         copied = _copy_tokenizer_files(directory, tmp)
         shards = write_weights(model, tmp, progress=args.progress)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     print(f"merged {merged} modules of a {delta.delta_type} delta into {type(model).__name__}; wrote {out} "
           f"({len(shards)} shard{'s' if len(shards) != 1 else ''}, tokenizer files: {len(copied)})")
     if reference is None:

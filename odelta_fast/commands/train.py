@@ -29,8 +29,8 @@ from typing import Any, Optional
 
 from ..logging_utils import get_logger, tqdm_disable
 from . import config as cfg
-from .common import (CLIError, auto_class, brief, dtype_from_name, from_pretrained_kwargs, load_tokenizer,
-                     located, method_class, model_dir, offline, one_line)
+from .common import (CLIError, auto_class, brief, dtype_from_name, from_pretrained_kwargs, load_model_config,
+                     load_tokenizer, located, method_class, model_dir, offline, one_line)
 
 logger = get_logger("cli.train")
 
@@ -98,6 +98,9 @@ def add_parser(sub) -> None:
     g.add_argument("--resume", action=argparse.BooleanOptionalAction, default=None,
                    help="continue from the newest complete checkpoint in the output directory: the delta, "
                         "the optimizer and learning-rate schedule, and the position in the data")
+    g.add_argument("--overwrite", action=argparse.BooleanOptionalAction, default=None,
+                   help="start afresh in an output directory that holds an earlier run, deleting its "
+                        "checkpoints (without it, such a directory is refused)")
     g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="show a progress bar (default: when stderr is a terminal and CI is unset)")
     p.set_defaults(func=run)
@@ -118,7 +121,7 @@ FLAG_KEYS = [
     ("warmup_steps", "train.warmup_steps", "--warmup-steps"), ("seed", "train.seed", "--seed"),
     ("save_every", "train.save_every", "--save-every"), ("log_every", "train.log_every", "--log-every"),
     ("device", "train.device", "--device"), ("progress", "train.progress", "--progress"),
-    ("resume", "train.resume", "--resume"),
+    ("resume", "train.resume", "--resume"), ("overwrite", "train.overwrite", "--overwrite"),
 ]
 
 
@@ -164,6 +167,7 @@ class Dataset:
     labels: Optional[list[int]]
     task: str
     id2label: Optional[dict[int, str]] = None
+    columns: tuple[str, ...] = ()  # of the first row, for messages
 
 
 def _rows(path: Path):
@@ -203,7 +207,9 @@ def read_dataset(path_text: Optional[str], text_column: str, label_column: str, 
         raise CLIError(f"{located(where, path_text)}: no such file; expected a .jsonl or .csv dataset")
     texts: list[str] = []
     raw_labels: list[tuple[int, Any]] = []
+    columns: tuple[str, ...] = ()
     for number, row in _rows(path):
+        columns = columns or tuple(row)
         if text_column not in row:
             found = ", ".join(repr(k) for k in row) or "no columns"
             raise CLIError(f"{path}:{number}: row has no {text_column!r} column (found {found}); "
@@ -223,9 +229,9 @@ def read_dataset(path_text: Optional[str], text_column: str, label_column: str, 
     if not texts:
         raise CLIError(f"{path}: no rows; expected at least one record with a {text_column!r} column")
     if task != CLASSIFICATION:
-        return Dataset(texts, None, CAUSAL_LM)
+        return Dataset(texts, None, CAUSAL_LM, columns=columns)
     labels, id2label = _encode_labels(path, label_column, raw_labels)
-    return Dataset(texts, labels, CLASSIFICATION, id2label)
+    return Dataset(texts, labels, CLASSIFICATION, id2label, columns=columns)
 
 
 def _as_int(value: Any) -> Optional[int]:
@@ -285,45 +291,16 @@ def save_checkpoint(delta, out_dir: Path, name: str, state: dict[str, Any],
                     optimizer_state: Optional[dict[str, Any]] = None) -> Path:
     """Save the delta (and what resuming needs) to ``out_dir/name`` so that the directory appears
     only when complete."""
+    from ..checkpoint import atomic_directory, save_tensors
+
     final = out_dir / name
-    tmp = out_dir / f".{name}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    try:
+    with atomic_directory(final) as tmp:
         delta.save_finetuned(str(tmp))
         if optimizer_state is not None:
-            from safetensors.torch import save_file
-
-            save_file(optimizer_state, str(tmp / OPTIMIZER_STATE))
+            save_tensors(tmp / OPTIMIZER_STATE, optimizer_state)
         (tmp / TRAINING_STATE).write_text(json.dumps(state, indent=2, sort_keys=True) + "\n")
-        _fsync_dir(tmp)
-        if final.exists():
-            # os.replace cannot replace a non-empty directory: move the old one aside first.
-            old = out_dir / f".{name}.old-{os.getpid()}"
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-        _fsync_dir(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     logger.info("saved %s", final)
     return final
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # directories cannot be opened on some platforms (Windows)
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def latest_checkpoint(out_dir: str | os.PathLike) -> Optional[Path]:
@@ -350,15 +327,17 @@ def _resume_point(out_dir: Path) -> Path:
 
 def _restore(path: Path, delta, optimizer, scheduler, names: list[str], device) -> tuple[int, int, float]:
     """Load the delta, optimizer and schedule saved in ``path``; returns (step, epoch, loss)."""
-    from safetensors.torch import load_file
-
     from .. import checkpoint as ckpt
 
-    state = json.loads((path / TRAINING_STATE).read_text())
-    config, tensors = ckpt.load_checkpoint(path)
-    delta.load_delta_state_dict(tensors, expected_targets=config.get("targets"), source=str(path),
-                                saved_name=config.get("name"))
-    load_optimizer_tensors(optimizer, names, load_file(str(path / OPTIMIZER_STATE)), device)
+    try:
+        state = ckpt.read_json(path / TRAINING_STATE, "training state")
+        config, tensors = ckpt.load_checkpoint(path)
+        delta.load_delta_state_dict(tensors, expected_targets=config.get("targets"), source=str(path),
+                                    saved_name=config.get("name"))
+        optimizer_state = ckpt.read_safetensors(path / OPTIMIZER_STATE)
+    except ckpt.CheckpointError as err:
+        raise CLIError(f"--resume: {one_line(err)}")
+    load_optimizer_tensors(optimizer, names, optimizer_state, device)
     scheduler.load_state_dict(state["scheduler"])
     for group, lr in zip(optimizer.param_groups, scheduler.get_last_lr()):
         group["lr"] = lr
@@ -391,15 +370,65 @@ def _device(name: str):
     return device
 
 
-def _load_model(config: cfg.RunConfig, directory: Path, data: Dataset, tokenizer):
-    from transformers import AutoConfig
+def _check_causal_lm_possible(config: cfg.RunConfig, directory: Path, data: Dataset) -> None:
+    """A causal LM needs a decoder: an encoder (BERT, RoBERTa) trained on next-token labels sees
+    the tokens it predicts, so its loss falls to nothing while it learns nothing."""
+    if data.task != CAUSAL_LM or config.get("model.class"):
+        return
+    from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
+    model_config = load_model_config(directory)
+    encoder_only = (model_config.model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES
+                    and not getattr(model_config, "is_encoder_decoder", False)
+                    and not getattr(model_config, "is_decoder", False))
+    if not encoder_only:
+        return
+    label = config.get("data.label_column")
+    found = ", ".join(repr(c) for c in data.columns) or "no columns"
+    chosen = "--task causal-lm was given" if config.get("data.task") == CAUSAL_LM else \
+        f"the data has no {label!r} column (found {found}), so the task became causal-lm"
+    raise CLIError(f"{config.get('data.path')}: {chosen}, but {type(model_config).__name__} is an encoder-only "
+                   "model, which cannot train as a causal LM; for classification name the label column with "
+                   "--label-column (and --task classification), or train a decoder model")
+
+
+RUN_FILES = ("train_config.yaml", "train_log.jsonl")
+
+
+def _earlier_run(out_dir: Path) -> list[Path]:
+    """What an earlier run left in ``out_dir``."""
+    if not out_dir.is_dir():
+        return []
+    found = sorted(out_dir.glob("checkpoint-*")) + [out_dir / n for n in ("final", *RUN_FILES) if (out_dir / n).exists()]
+    return found
+
+
+def _prepare_output(config: cfg.RunConfig, out_dir: Path) -> Optional[Path]:
+    """Check the output directory against --resume / --overwrite before anything is written;
+    returns the checkpoint to resume from."""
+    resume, overwrite = config.get("train.resume"), config.get("train.overwrite")
+    if resume and overwrite:
+        raise CLIError("--resume and --overwrite contradict each other: resume continues the run in the output "
+                       "directory, overwrite deletes it")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise CLIError(f"{_flag_for(config, 'train.output_dir')} {out_dir}: is a file; expected a directory")
+    earlier = _earlier_run(out_dir)
+    if resume:
+        return _resume_point(out_dir)
+    if earlier and not overwrite:
+        names = ", ".join(p.name for p in earlier[:4]) + (", ..." if len(earlier) > 4 else "")
+        raise CLIError(f"{_flag_for(config, 'train.output_dir')} {out_dir}: holds an earlier run ({names}); pass "
+                       "--resume to continue it, --overwrite to replace it, or choose another output directory")
+    return None
+
+
+def _load_model(config: cfg.RunConfig, directory: Path, data: Dataset, tokenizer):
     class_name = config.get("model.class") or (
         "AutoModelForSequenceClassification" if data.task == CLASSIFICATION else "AutoModelForCausalLM")
     cls = auto_class(class_name)
     kwargs = from_pretrained_kwargs(dtype_from_name(config.get("model.dtype"), flag="model.dtype"))
     if data.task == CLASSIFICATION:
-        base_config = AutoConfig.from_pretrained(str(directory))
+        base_config = load_model_config(directory)
         kwargs.update(num_labels=len(data.id2label), id2label=data.id2label,
                       label2id={v: k for k, v in data.id2label.items()})
         # A directory saved with another label count has a head of the wrong shape; it is new anyway.
@@ -489,7 +518,6 @@ def run(args: argparse.Namespace) -> int:
 
 def train(config: cfg.RunConfig) -> int:
     import torch
-    from tqdm.auto import tqdm
 
     offline()
     for key in ("train.batch_size", "train.epochs", "train.max_steps", "data.max_length", "train.log_every"):
@@ -506,14 +534,10 @@ def train(config: cfg.RunConfig) -> int:
     if data.task == CLASSIFICATION and len(data.id2label) < 2:
         raise CLIError(f"{config.get('data.path')}: every row has the label {data.id2label[0]!r}; classification "
                        "needs at least two classes")
+    _check_causal_lm_possible(config, directory, data)
     device = _device(config.get("train.device"))
     out_dir = Path(config.get("train.output_dir")).expanduser()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    _clean_stale(out_dir)
-    resume_from = _resume_point(out_dir) if config.get("train.resume") else None
-    if resume_from is None and (any(out_dir.glob("checkpoint-*")) or (out_dir / "final").exists()):
-        logger.warning("%s already holds checkpoints of an earlier run; those of the same names are replaced", out_dir)
-    (out_dir / "train_config.yaml").write_text(cfg.dump(config))
+    resume_from = _prepare_output(config, out_dir)
 
     tokenizer = load_tokenizer(directory, config.get("model.tokenizer"))
     if tokenizer.pad_token is None:
@@ -527,6 +551,34 @@ def train(config: cfg.RunConfig) -> int:
     torch.manual_seed(seed)  # the delta's init depends on the seed only, not on what loading consumed
     delta = _attach(config, model, data.task)
     model.train()
+
+    # Everything that can be checked is checked: only now does the run write anything.
+    created = not out_dir.exists()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _clean_stale(out_dir)
+    if config.get("train.overwrite"):
+        for old in _earlier_run(out_dir):
+            shutil.rmtree(old) if old.is_dir() else old.unlink()
+    if resume_from is None:
+        (out_dir / "train_config.yaml").write_text(cfg.dump(config))
+    try:
+        return _train_loop(config, out_dir, model, delta, data, tokenizer, class_name, directory, device, seed,
+                           resume_from)
+    except BaseException:
+        if resume_from is None and not any(out_dir.glob("checkpoint-*")):
+            # Nothing resumable was written: leave no trace of the run.
+            for name in RUN_FILES:
+                (out_dir / name).unlink(missing_ok=True)
+            if created and not any(out_dir.iterdir()):
+                out_dir.rmdir()
+        raise
+
+
+def _train_loop(config: cfg.RunConfig, out_dir: Path, model, delta, data: Dataset, tokenizer, class_name: str,
+                directory: Path, device, seed: int, resume_from: Optional[Path]) -> int:
+    import torch
+    from tqdm.auto import tqdm
+
     trainable = [p for p in model.parameters() if p.requires_grad]
     total = sum(p.numel() for p in model.parameters())
     n_trainable = sum(p.numel() for p in trainable)

@@ -10,6 +10,8 @@ already holds only the delta. These helpers cover the rest:
   gradient checkpointing.
 * ``enable_input_require_grads`` (``integrations.checkpointing``): what reentrant checkpointing
   needs when the frozen embeddings give the first layer an input without ``requires_grad``.
+* ``enable_activation_checkpointing`` (``integrations.checkpointing``): transformers' checkpointing
+  switch under whichever name the installed release uses.
 * ``full_delta_state_dict`` / ``save_finetuned`` (``integrations.distributed``): gather a
   sharded (FSDP2) delta on every rank and write it from rank 0 only.
 """
@@ -18,6 +20,7 @@ from __future__ import annotations
 _EXPORTS = {
     "DeltaCallback": "trainer",
     "enable_input_require_grads": "checkpointing",
+    "enable_activation_checkpointing": "checkpointing",
     "full_delta_state_dict": "distributed",
     "save_finetuned": "distributed",
     "is_main_process": "distributed",

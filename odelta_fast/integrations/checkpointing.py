@@ -6,7 +6,8 @@ output of a frozen embedding, so the deltas inside every checkpointed block get 
 (or backward fails outright when nothing else is trainable). Making the embedding output require
 grad fixes that; it is what PEFT's ``enable_input_require_grads`` does.
 
-transformers >= 5 does this itself in ``gradient_checkpointing_enable()`` for models whose main
+transformers >= 5 does this itself in ``activation_checkpointing_enable()`` (named
+``gradient_checkpointing_enable()`` before 5.24) for models whose main
 input is ``input_ids``; it does not for other inputs (ViT's ``pixel_values``) nor in 4.x, and
 plain PyTorch models never get it. Non-reentrant checkpointing (``use_reentrant=False``) needs
 none of this.
@@ -50,3 +51,26 @@ def disable_input_require_grads(model: nn.Module) -> None:
         handle = module.__dict__.pop(_HOOK_ATTR, None)
         if handle is not None:
             handle.remove()
+
+
+def enable_activation_checkpointing(model: nn.Module, use_reentrant: Optional[bool] = None, **kwargs) -> None:
+    """Turn on transformers' activation (gradient) checkpointing under the name the installed
+    release uses: ``activation_checkpointing_enable`` since 5.24, ``gradient_checkpointing_enable``
+    before (now a deprecated alias that warns). ``use_reentrant=None`` keeps transformers' default."""
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    key = "activation_checkpointing_kwargs"
+    if enable is None:
+        enable = getattr(model, "gradient_checkpointing_enable", None)
+        key = "gradient_checkpointing_kwargs"
+    if enable is None:
+        raise TypeError(f"{type(model).__name__} is not a transformers model with activation checkpointing; "
+                        "wrap its blocks in torch.utils.checkpoint.checkpoint yourself")
+    if use_reentrant is not None:
+        kwargs[key] = {**kwargs.get(key, {}), "use_reentrant": use_reentrant}
+    enable(**kwargs)
+
+
+def checkpointing_requested(training_args) -> bool:
+    """Whether HF ``TrainingArguments`` ask for activation checkpointing, under either name."""
+    return bool(getattr(training_args, "activation_checkpointing", None)
+                or getattr(training_args, "gradient_checkpointing", None))

@@ -12,7 +12,7 @@ the backbone's signature, so ``remove_unused_columns`` keeps the columns the mod
   deltas), a ``save_finetuned`` directory that ``AutoDeltaModel.from_finetuned(path, backbone)``
   loads into a fresh backbone without the Trainer; written by the main process only and
   gathered first under FSDP2;
-* with ``gradient_checkpointing=True`` it makes the embedding output require grad, which
+* with ``activation_checkpointing=True`` (``gradient_checkpointing=True`` before transformers 5.24) it makes the embedding output require grad, which
   reentrant checkpointing needs (see ``integrations.checkpointing``);
 * it makes sure the state_dict filter is installed, so a delta frozen with
   ``set_state_dict=False`` still saves as a delta.
@@ -26,7 +26,7 @@ from transformers import TrainerCallback
 
 from ..delta import ORIGINAL_STATE_DICT_ATTR, DeltaBase, install_state_dict_filter
 from . import distributed
-from .checkpointing import enable_input_require_grads
+from .checkpointing import checkpointing_requested, enable_input_require_grads
 
 logger = logging.getLogger("odelta_fast")
 
@@ -52,7 +52,7 @@ class DeltaCallback(TrainerCallback):
             if not backbone.__dict__.get(ORIGINAL_STATE_DICT_ATTR):
                 logger.info("DeltaCallback: installing the delta state_dict filter on %s", type(backbone).__name__)
                 install_state_dict_filter(backbone)
-            if getattr(args, "gradient_checkpointing", False):
+            if checkpointing_requested(args):
                 try:
                     enable_input_require_grads(backbone)
                 except ValueError:

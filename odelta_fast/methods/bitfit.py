@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from .. import ops
+from ..addressing import backbone_modules, is_delta_module
 from ..delta import DeltaBase, DeltaModule
 from ..routing import map_hidden
 from .shapes import is_conv1d, output_features
@@ -22,6 +23,7 @@ class BiasDelta(DeltaModule):
     # "bias": folded into the bias of the GEMM that produces the target's output where there is
     # one (the target's own Linear / Conv1D, or a LoRA on it), added to the output otherwise.
     route_kind = "bias"
+    merge_parameter = "bias"
 
     def __init__(self, features: int, *, mergeable: bool, fusable: bool = False, backend: str = "auto",
                  device=None, dtype=None):
@@ -29,7 +31,9 @@ class BiasDelta(DeltaModule):
         self.bias = nn.Parameter(torch.zeros(features, device=device, dtype=dtype))
         self.mergeable = mergeable
         self._fusable = fusable
-        self._bias_backup: Optional[torch.Tensor] = None
+
+    def implemented_backends(self):
+        return ops.bias_backends()
 
     def bias_vector(self) -> torch.Tensor:
         return self.bias
@@ -45,24 +49,21 @@ class BiasDelta(DeltaModule):
     def add_to(self, output, extra_bias):
         return map_hidden(output, lambda h: ops.bias_add(h, extra_bias, backend=self.backend))
 
-    def merge(self, target):
-        self._bias_backup = target.bias.detach().clone()
-        ops.bias_merge_(target.bias, self.bias)
+    def fold_(self, target, param):
+        ops.bias_merge_(param, self.bias)
 
-    def unmerge(self, target):
-        target.bias.copy_(self._bias_backup)
-        self._bias_backup = None
+
+def _is_leaf(module: nn.Module) -> bool:
+    # Deltas attached earlier (a LoRA on a projection) are children but not part of the backbone:
+    # the projection stays a leaf, so the result does not depend on attach order.
+    return all(is_delta_module(child) for child in module.children())
 
 
 def _bias_targets(module: nn.Module) -> list[tuple[str, nn.Module]]:
     """The leaves of ``module`` that produce a biasable output: projections and norms."""
-    if not any(True for _ in module.children()):
+    if _is_leaf(module):
         return [("", module)]
-    leaves = []
-    for path, sub in module.named_modules():
-        if path and not any(True for _ in sub.children()) and _has_width(sub):
-            leaves.append((path, sub))
-    return leaves
+    return [(path, sub) for path, sub in backbone_modules(module) if path and _is_leaf(sub) and _has_width(sub)]
 
 
 def _has_width(module: nn.Module) -> bool:

@@ -35,7 +35,6 @@ class LoraDelta(DeltaModule):
         self.lora_B = nn.Parameter(torch.zeros(out_features, r, device=device, dtype=dtype))
         # Kaiming-uniform A and zero B: a fresh delta is an exact no-op (as in the LoRA paper and PEFT).
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-        self._weight_backup: Optional[torch.Tensor] = None
 
     def implemented_backends(self):
         return ops.lora.lora_backends()
@@ -73,19 +72,9 @@ class LoraDelta(DeltaModule):
         lora_a, lora_b = self._factors(x.dtype)
         return lora_update(x, lora_a, lora_b, self.scaling, self.dropout, training=self.training, backend=self.backend)
 
-    def merge(self, target: nn.Module) -> None:
-        # The exact original bits are kept so unmerge restores them whatever the dtype's rounding.
-        self._weight_backup = target.weight.detach().clone()
-        ops.lora_merge_(target.weight, self.lora_A, self.lora_B, self.scaling,
+    def fold_(self, target: nn.Module, param: torch.Tensor) -> None:
+        ops.lora_merge_(param, self.lora_A, self.lora_B, self.scaling,
                         fan_in_fan_out=self.fan_in_fan_out, backend=self.backend)
-
-    def unmerge(self, target: nn.Module) -> None:
-        if self._weight_backup is not None:
-            target.weight.copy_(self._weight_backup)
-            self._weight_backup = None
-        else:  # pragma: no cover - merge always keeps a backup
-            ops.lora_merge_(target.weight, self.lora_A, self.lora_B, self.scaling,
-                            fan_in_fan_out=self.fan_in_fan_out, sign=-1, backend=self.backend)
 
     def extra_repr(self) -> str:
         return f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:g}, dropout={self.dropout}"

@@ -4,7 +4,8 @@ self-attention layer.
 How the prefix gets in
 ----------------------
 Each targeted attention module is routed with a ``"replace"`` delta that calls the module's own
-forward with one argument swapped: its KV cache (``past_key_values``) becomes a small stand-in
+forward with one argument swapped: its KV cache (``cache``, formerly ``past_key_values``: found by its
+annotation, see ``kv_cache``) becomes a small stand-in
 (``_PrefixedCache``) whose ``update()`` stores the new keys/values in the real cache (if there is
 one) and returns them with the prefix in front. The attention mask gets ``prefix_token_num``
 "attend" columns on the left. Every transformers 5.x attention module calls ``cache.update()``
@@ -21,7 +22,7 @@ right after projecting (and rotating) the keys and right before the attention fu
 * under gradient checkpointing the layer's recomputation goes through the same path, so the
   prefix is applied in the recomputed forward too and gradients reach it. A top-level
   pre-filled cache (PEFT's approach) does not survive checkpointing: transformers drops
-  ``past_key_values`` inside checkpointed layers.
+  the KV cache inside checkpointed layers.
 
 T5 adds a relative position bias to the scores; its bias for the prefix columns is zero (the
 prefix has no position) and the bias handed to the next layer stays the un-prefixed one, so
@@ -56,9 +57,9 @@ from torch import nn
 
 from .. import routing
 from ..delta import DeltaBase, DeltaModule
+from .kv_cache import HISTORICAL_CACHE_NAMES, cache_parameter
 from .shapes import param_device_dtype, pretrained_model_type
 
-_CACHE_ARGS = ("past_key_values", "past_key_value", "layer_past")
 _MASK_ARGS = ("attention_mask", "mask")
 _HEAD_DIM_ATTRS = ("head_dim", "attention_head_size", "key_value_proj_dim", "head_size")
 _KV_HEAD_ATTRS = ("num_key_value_heads", "num_kv_heads", "kv_heads")
@@ -249,7 +250,7 @@ class PrefixDelta(DeltaModule):
         self.target_name = f"{type(target).__name__} at {path!r}"
         names = _forward_params(target, f"PrefixModel on {self.target_name}")
         self.param_names = names
-        self.cache_arg = next(n for n in _CACHE_ARGS if n in names)
+        self.cache_arg = cache_parameter(target)
         self.mask_arg = next((n for n in _MASK_ARGS if n in names), None)
         # Plain references (object.__setattr__): as children they would make the backbone's own
         # modules look like parts of the delta.
@@ -301,6 +302,13 @@ class PrefixDelta(DeltaModule):
         hidden = args[0] if args else kwargs[self.param_names[0]]
         q_len = hidden.shape[1]
         cache = kwargs.get(self.cache_arg)
+        if cache is None:
+            # A caller still using a former name of the argument (the forward's deprecation shim
+            # renames it): take the cache from there, or the call would carry it twice.
+            for alias in HISTORICAL_CACHE_NAMES:
+                if alias != self.cache_arg and alias not in self.param_names and alias in kwargs:
+                    cache = kwargs.pop(alias)
+                    break
         inner = getattr(cache, "self_attention_cache", cache) if hasattr(cache, "cross_attention_cache") else cache
         n = self.prefix_token_num
         state = self.state
@@ -488,9 +496,10 @@ class PrefixModel(DeltaBase):
             raise TypeError(
                 f"PrefixModel does not support {where}: its ALiBi bias is sized to the real keys, "
                 "so prefix keys cannot be added in front")
-        if not any(n in names for n in _CACHE_ARGS):
+        if cache_parameter(module) is None:
             raise TypeError(
-                f"PrefixModel works on attention modules whose forward takes a KV cache ({', '.join(_CACHE_ARGS)}); "
+                f"PrefixModel works on attention modules whose forward takes a KV cache (a parameter annotated "
+                f"as a transformers Cache, or named {' / '.join(HISTORICAL_CACHE_NAMES)}); "
                 f"{where} takes none, so this architecture (or this module) is not supported by PrefixModel")
 
     @staticmethod

@@ -31,6 +31,7 @@ from torch import nn
 
 from ..addressing import select_modules
 from ..delta import DeltaBase, DeltaModule
+from .kv_cache import cache_length
 from .shapes import pretrained_model_type
 
 IGNORE_INDEX = -100
@@ -49,12 +50,6 @@ def _by_name(names: list[str], args: tuple, kwargs: dict) -> tuple[tuple, dict]:
     for name, value in zip(names, args):
         kwargs[name] = value
     return tuple(args[len(names):]), kwargs
-
-
-def _cache_length(cache) -> int:
-    if cache is None or not hasattr(cache, "get_seq_length"):
-        return 0
-    return int(cache.get_seq_length())
 
 
 def _prepend(tensor: torch.Tensor, n: int, fill) -> torch.Tensor:
@@ -119,7 +114,7 @@ class SoftPromptDelta(DeltaModule):
         if current is None:
             return args, kwargs  # nothing to prompt; the model raises its own error
         length = current.shape[1]
-        past = _cache_length(kwargs.get("past_key_values"))
+        past = cache_length(kwargs)
         if past > 0:
             return args, self._continue(kwargs, past, length)
         if embeds is None:

@@ -1,14 +1,16 @@
 """The low-rank update on its own: ``s * (drop(x) A^T) B^T``.
 
 Used when a second LoRA sits on a module whose output a first LoRA already computes with
-``lora_linear``: the second adds only its update, never a second base matmul.
+``lora_linear``: the second adds only its update, never a second base matmul. The update is two
+skinny GEMMs that every backend runs through torch (cuBLAS on a GPU), so a module whose first
+LoRA runs on the Triton kernels takes a second one too.
 """
 from __future__ import annotations
 
 import torch.nn.functional as F
 from torch import Tensor
 
-from .backend import resolve_backend
+from .backend import check_backend_name
 from .checks import check_probability, check_tensor
 
 OP = "lora_update"
@@ -22,6 +24,6 @@ def lora_update(
     check_tensor(OP, "lora_a", lora_a, (None, x.shape[-1]), like=x)
     check_tensor(OP, "lora_b", lora_b, (None, lora_a.shape[0]), like=x)
     check_probability(OP, "dropout_p", dropout_p)
-    resolve_backend(OP, backend, x.device, implemented=())
+    check_backend_name(backend)
     dropped = F.dropout(x, dropout_p, training) if dropout_p > 0.0 else x
     return (dropped @ lora_a.t()) @ (lora_b.t() * scaling)
