@@ -4,13 +4,13 @@ Attach LoRA, adapters, BitFit, prefixes and more by module name, with no edit to
 code; every delta computation goes through one op layer with an eager reference path and
 fused kernels underneath.
 """
-__version__ = "0.1.0"
-
 import logging as _logging
 import os as _os
 
-from .auto import AutoDeltaConfig, AutoDeltaModel, BaseDeltaConfig
+from .version import __version__
+from .auto import AutoDeltaConfig, AutoDeltaModel
 from .checkpoint import CheckpointError
+from .configs import BaseDeltaConfig
 from .delta import DeltaBase
 from .methods.adapter import AdapterModel
 from .methods.bitfit import BitFitModel

@@ -20,12 +20,14 @@ from typing import Iterable, Optional, Sequence
 
 from torch import nn
 
+from .markers import DELTA_MARKER
+
 REGEX_PREFIX = "[r]"
 ALL_LINEAR = "all-linear"
-# Class attribute set on every delta module: addressing never selects a delta or what is inside
-# one (an adapter's own Linear layers are not the backbone's), so attach order does not change
-# what a spec selects.
-DELTA_MARKER = "_odelta_is_delta"
+
+
+class TargetNotFoundError(ValueError):
+    """A module spec selects nothing; the message names the spec and its closest candidates."""
 
 
 def is_delta_module(module: nn.Module) -> bool:
@@ -176,7 +178,7 @@ def select_modules(
 
     unmatched = [s for s in raw_specs if s not in used]
     if unmatched:
-        raise ValueError(no_match_message(model, unmatched, structure, module_types, common_structure))
+        raise TargetNotFoundError(no_match_message(model, unmatched, structure, module_types, common_structure))
     return selected
 
 
@@ -196,6 +198,15 @@ def _virtual_parent_lookup(structure, use_common: Optional[bool]):
         return None if up in present or up.rsplit(".", 1)[-1].isdigit() else up
 
     return parent
+
+
+def pattern_value(patterns: dict, path: str, default):
+    """The value of the first regex pattern that matches the end of ``path`` on a segment
+    boundary (PEFT's ``rank_pattern`` / ``alpha_pattern`` rule)."""
+    for pattern, value in patterns.items():
+        if re.match(rf"(.*\.)?({pattern})$", path):
+            return value
+    return default
 
 
 def _is_head_name(path: str, common: Optional[str]) -> bool:

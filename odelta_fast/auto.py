@@ -7,6 +7,8 @@ from typing import Any
 from torch import nn
 
 from . import checkpoint
+from .configs import BaseDeltaConfig
+from .peft_format import is_peft_checkpoint
 
 # delta_type -> "module:ClassName", imported on first use so one broken method cannot break the rest.
 DELTA_MODEL_MAPPING: dict[str, str] = {
@@ -30,44 +32,20 @@ def model_class(delta_type: str):
     return getattr(importlib.import_module(module_name), class_name)
 
 
-class BaseDeltaConfig:
-    """A method's configuration: ``delta_type`` plus the method's constructor arguments.
-    Unknown keys are an error that lists the accepted ones."""
-
-    def __init__(self, delta_type: str, **kwargs: Any):
-        from .delta import _init_kwargs
-
-        cls = model_class(delta_type)
-        accepted = _init_kwargs(cls)
-        # Keys a saved checkpoint carries for bookkeeping, not for the constructor.
-        informational = {"backbone_class", "backbone_model_type", "targets", "odelta_fast_version", "weights_file",
-                         "format_version"}
-        unknown = sorted(set(kwargs) - set(accepted) - informational)
-        if unknown:
-            raise ValueError(f"{cls.__name__} does not take {unknown}; accepted keys: {sorted(accepted)}")
-        self.delta_type = delta_type
-        self.values = {k: v for k, v in kwargs.items() if k in accepted}
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"delta_type": self.delta_type, **self.values}
-
-    def __getattr__(self, key):
-        values = self.__dict__.get("values", {})
-        if key in values:
-            return values[key]
-        raise AttributeError(key)
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.to_dict()!r})"
+def config_class(delta_type: str) -> type[BaseDeltaConfig]:
+    """The typed config class of a method (``LoraConfig`` for ``"lora"``)."""
+    return model_class(delta_type).config_class
 
 
 class AutoDeltaConfig:
     @staticmethod
     def from_dict(config: dict[str, Any]) -> BaseDeltaConfig:
+        """The typed config (``LoraConfig``, ...) a dict with a ``delta_type`` describes. Unknown
+        keys are an error that lists the accepted ones."""
         config = dict(config)
         if "delta_type" not in config:
             raise ValueError(f"a delta config needs a 'delta_type' key (one of {sorted(DELTA_MODEL_MAPPING)})")
-        return BaseDeltaConfig(**config)
+        return config_class(config["delta_type"]).from_dict(config)
 
     @staticmethod
     def from_finetuned(path: str) -> BaseDeltaConfig:
@@ -85,10 +63,8 @@ class AutoDeltaModel:
     def from_finetuned(finetuned_delta_path: str, backbone_model: nn.Module, **overrides):
         """Load a checkpoint of any type; a PEFT adapter directory is recognised by its
         ``adapter_config.json`` carrying ``peft_type``."""
-        from .peft_format import is_peft_checkpoint, load_peft
-
         if is_peft_checkpoint(finetuned_delta_path):
-            return load_peft(finetuned_delta_path, backbone_model, **overrides)
+            return model_class("lora").from_peft(finetuned_delta_path, backbone_model, **overrides)
         config = checkpoint.read_config(finetuned_delta_path)
         if "delta_type" not in config:
             raise checkpoint.CheckpointError(f"{finetuned_delta_path!r}: config.json has no 'delta_type'")

@@ -22,7 +22,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
+    from .version import __version__
     from .commands import bench, build_ext, env, inspect, merge, train
 
     parser = argparse.ArgumentParser(

@@ -8,7 +8,7 @@ merging, detaching and re-attaching.
 """
 from __future__ import annotations
 
-import inspect
+import dataclasses
 import logging
 from dataclasses import dataclass
 from typing import Any, ClassVar, Iterator, Optional, Sequence
@@ -17,14 +17,16 @@ import torch
 from torch import nn
 
 from . import checkpoint, merging, routing
-from .addressing import DELTA_MARKER, NameMatcher, select_modules
+from .configs import BaseDeltaConfig
+from .visualize import log_tree
+from .version import __version__
+from .addressing import NameMatcher, select_modules
+from .markers import DELTA_MARKER, DELTA_PARAM_ATTR, REGISTRY_ATTR
 from .structure import structure_map
 
 logger = logging.getLogger("odelta_fast")
 
 DELTAS_TOKEN = "deltas"  # in unfrozen_modules / freeze_module(exclude=...): this delta's own parameters
-REGISTRY_ATTR = "_odelta_deltas"
-DELTA_PARAM_ATTR = "_odelta_delta_name"
 ORIGINAL_STATE_DICT_ATTR = "_odelta_state_dict_filter"
 LOAD_HOOKS_ATTR = "_odelta_load_hooks"
 LOAD_PREFIX_ATTR = "_odelta_load_prefix"
@@ -102,65 +104,67 @@ class Slot:
     delta: DeltaModule
 
 
-def _init_kwargs(cls) -> dict[str, inspect.Parameter]:
-    """The keyword arguments a method's constructor takes (besides the backbone)."""
-    return {
-        name: p for name, p in inspect.signature(cls.__init__).parameters.items()
-        if name not in ("self", "backbone_model") and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)
-    }
-
-
 class DeltaBase:
     """Base of every method (``LoraModel``, ``AdapterModel``, ...). Not an ``nn.Module``: the
     delta's parameters live inside the backbone as children of the modules they modify, so
-    ``backbone.to()``, ``backbone.parameters()`` and optimizers see them with no extra step."""
+    ``backbone.to()``, ``backbone.parameters()`` and optimizers see them with no extra step.
+
+    A method lists its OpenDelta-compatible keyword arguments in its constructor, builds its
+    typed config from them (``config_class``) and hands it to ``DeltaBase.__init__``, which
+    resolves the targets and attaches everything. Hyper-parameters read as attributes
+    (``delta.lora_r``) come from the config."""
 
     delta_type: ClassVar[str] = ""
+    config_class: ClassVar[type[BaseDeltaConfig]] = BaseDeltaConfig
     default_modified_modules: ClassVar[list[str]] = []
     default_exclude_modules: ClassVar[list[str]] = ["lm_head"]
     default_unfrozen_modules: ClassVar[list[str]] = [DELTAS_TOKEN]
     target_types: ClassVar[Optional[tuple[type, ...]]] = None
-    # Keys of the config that are not hyper-parameters of the method itself.
-    _addressing_keys: ClassVar[tuple[str, ...]] = (
-        "modified_modules", "exclude_modules", "unfrozen_modules", "common_structure", "backend", "name",
-    )
 
-    def __init__(
-        self,
-        backbone_model: nn.Module,
-        modified_modules: Optional[Sequence[str]] = None,
-        exclude_modules: Optional[Sequence[str]] = None,
-        unfrozen_modules: Optional[Sequence[str]] = None,
-        common_structure: Optional[bool] = None,
-        backend: str = "auto",
-        name: Optional[str] = None,
-    ):
-        from .ops.backend import check_backend_name
-
+    def __init__(self, backbone_model: nn.Module, config: BaseDeltaConfig):
         if not isinstance(backbone_model, nn.Module):
             raise TypeError(f"backbone_model must be a torch.nn.Module, got {type(backbone_model).__name__}")
+        if not isinstance(config, self.config_class):
+            raise TypeError(f"{type(self).__name__} is configured by a {self.config_class.__name__}, "
+                            f"got {type(config).__name__}")
         self.__dict__["backbone_model"] = backbone_model
-        self.backend = check_backend_name(backend)
+        self._config = config
+        self.backend = config.backend
         self.structure = structure_map(backbone_model)
+        modified_modules, common_structure = config.modified_modules, config.common_structure
         self.uses_default_targets = modified_modules is None
         if modified_modules is None:
-            if not self.structure.mapped:
+            if self.default_modified_modules and not self.structure.mapped:
                 raise ValueError(
                     f"{type(self).__name__} has default targets only for architectures with a common-structure map, "
                     f"and {type(backbone_model).__name__} has none; pass modified_modules=[...] with raw module names"
                 )
             modified_modules = self.default_targets()
-            if common_structure is None:
+            if common_structure is None and modified_modules:
                 common_structure = True
-        if isinstance(modified_modules, str):
-            modified_modules = [modified_modules]
         self.modified_modules = list(modified_modules)
-        self.exclude_modules = list(self.default_exclude_modules if exclude_modules is None else exclude_modules)
-        self.unfrozen_modules = list(self.default_unfrozen_modules if unfrozen_modules is None else unfrozen_modules)
+        self.exclude_modules = list(self.default_exclude_modules if config.exclude_modules is None
+                                    else config.exclude_modules)
+        self.unfrozen_modules = list(self.default_unfrozen_modules if config.unfrozen_modules is None
+                                     else config.unfrozen_modules)
         self.common_structure = common_structure
-        self.name = self._unique_name(name)
+        self.name = self._unique_name(config.name)
         self.slots: list[Slot] = []
         self.attached = False
+        self.add_all_delta_to_backbone()
+
+    @property
+    def config(self) -> BaseDeltaConfig:
+        """This delta's configuration as it stands: the targets resolved, the name given."""
+        return dataclasses.replace(
+            self._config, modified_modules=self.modified_modules, exclude_modules=self.exclude_modules,
+            unfrozen_modules=self.unfrozen_modules, common_structure=self.common_structure, name=self.name)
+
+    def __getattr__(self, name: str):
+        config = self.__dict__.get("_config")
+        if config is not None and name in config.hyperparameter_names():
+            return getattr(config, name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     # ------------------------------------------------------------------ construction
     def default_targets(self) -> list[str]:
@@ -182,15 +186,9 @@ class DeltaBase:
     def build_delta(self, path: str, target: nn.Module) -> DeltaModule:
         raise NotImplementedError
 
-    def hyperparameters(self) -> dict[str, Any]:
-        """The method's own constructor arguments, as saved in the checkpoint config."""
-        return {k: getattr(self, k) for k in _init_kwargs(type(self)) if k not in self._addressing_keys}
-
     def _unique_name(self, requested: Optional[str]) -> str:
         registry = self.backbone_model.__dict__.setdefault(REGISTRY_ATTR, {})
         if requested is not None:
-            if not requested.isidentifier():
-                raise ValueError(f"delta name {requested!r} must be a Python identifier (it becomes a module attribute)")
             if requested in registry:
                 raise ValueError(f"this backbone already carries a delta named {requested!r}; pass another name=")
             return requested
@@ -372,20 +370,13 @@ class DeltaBase:
 
     # ------------------------------------------------------------------ save / load
     def config_dict(self) -> dict[str, Any]:
-        from . import __version__
-
+        """What a checkpoint's ``config.json`` holds: the config, plus bookkeeping."""
         return {
-            "delta_type": self.delta_type,
-            "name": self.name,
-            "modified_modules": self.modified_modules,
-            "exclude_modules": self.exclude_modules,
-            "unfrozen_modules": self.unfrozen_modules,
-            "common_structure": self.common_structure,
+            **self.config.to_dict(),
             "backbone_class": type(self.backbone_model).__name__,
             "backbone_model_type": backbone_model_type(self.backbone_model),
             "targets": [slot.path for slot in self.slots],
             "odelta_fast_version": __version__,
-            **self.hyperparameters(),
         }
 
     def delta_state_dict(self) -> dict[str, torch.Tensor]:
@@ -402,26 +393,26 @@ class DeltaBase:
         fmt = kwargs.pop("format", "odelta")
         if kwargs:
             raise TypeError(f"save_finetuned() got unexpected arguments {sorted(kwargs)}")
-        if fmt not in ("odelta", "peft"):
-            raise ValueError(f"save_finetuned: format={fmt!r} is not supported; expected 'odelta' or 'peft'")
         if self.is_merged:
             raise RuntimeError(f"delta {self.name!r} is merged into the base weights; unmerge() before saving it")
-        if fmt == "peft":
-            from .peft_format import save_peft
+        if fmt == "odelta":
+            checkpoint.save_checkpoint(finetuned_delta_path, self.config_dict(), self.delta_state_dict())
+            return str(finetuned_delta_path)
+        return self.save_in_format(fmt, str(finetuned_delta_path))
 
-            return save_peft(self, finetuned_delta_path)
-        checkpoint.save_checkpoint(finetuned_delta_path, self.config_dict(), self.delta_state_dict())
-        return str(finetuned_delta_path)
+    def save_in_format(self, fmt: str, path: str) -> str:
+        """Save in another library's format; methods that have one override this."""
+        if fmt == "peft":
+            raise ValueError(f"format='peft' supports LoRA deltas only; {type(self).__name__} has no PEFT equivalent here")
+        raise ValueError(f"save_finetuned: format={fmt!r} is not supported; expected 'odelta' or 'peft'")
 
     @classmethod
     def from_config(cls, config, backbone_model: nn.Module, **overrides) -> "DeltaBase":
-        from .auto import BaseDeltaConfig
-
-        values = config.to_dict() if isinstance(config, BaseDeltaConfig) else dict(config)
-        values.update(overrides)
-        accepted = _init_kwargs(cls)
-        kwargs = {k: v for k, v in values.items() if k in accepted}
-        return cls(backbone_model, **kwargs)
+        """Build this method from its config (or a dict of one, e.g. a checkpoint's), with
+        ``overrides`` replacing some of its values."""
+        if not isinstance(config, BaseDeltaConfig):
+            config = cls.config_class.from_dict(config)
+        return cls(backbone_model, **{**config.to_kwargs(), **overrides})
 
     @classmethod
     def from_finetuned(cls, finetuned_delta_path: str, backbone_model: nn.Module, **overrides) -> "DeltaBase":
@@ -549,8 +540,6 @@ class DeltaBase:
     # ------------------------------------------------------------------ inspection
     def log(self, module: Optional[nn.Module] = None, console=None, **kwargs) -> None:
         """Print the backbone as a rich tree and the trainable-parameters line."""
-        from .visualize import log_tree
-
         log_tree(self.backbone_model if module is None else module, console=console, **kwargs)
 
     def __repr__(self) -> str:

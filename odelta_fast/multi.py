@@ -38,6 +38,7 @@ import torch
 from torch import Tensor, nn
 
 from . import checkpoint, routing
+from .addressing import pattern_value
 from .delta import DeltaBase, DeltaModule
 from .methods.kv_cache import cache_in
 from .methods.shapes import linear_features
@@ -53,14 +54,7 @@ IdLike = Union[str, int, None]
 
 def _lora_alpha_for(config: Mapping[str, Any], path: str) -> float:
     """The alpha LoraModel used for ``path``: its ``alpha_pattern`` entry if one matches."""
-    patterns = config.get("alpha_pattern") or {}
-    if patterns:
-        try:
-            from .methods.lora import pattern_value
-        except ImportError:  # pragma: no cover - an older LoraModel had no patterns
-            return float(config["lora_alpha"])
-        return float(pattern_value(patterns, path, config["lora_alpha"]))
-    return float(config["lora_alpha"])
+    return float(pattern_value(config.get("alpha_pattern") or {}, path, config["lora_alpha"]))
 
 
 @dataclass

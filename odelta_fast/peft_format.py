@@ -16,12 +16,14 @@ import logging
 import os
 import re
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from .addressing import pattern_value
 from .checkpoint import CheckpointError, atomic_write, read_json, read_safetensors, save_tensors
 
 logger = logging.getLogger("odelta_fast")
@@ -83,11 +85,8 @@ def _task_type(model: nn.Module):
 
 
 def save_peft(delta, path: str | os.PathLike) -> str:
-    """Write a LoRA delta in PEFT's layout (weights first, then the config that makes it a checkpoint)."""
-    from .methods.lora import LoraModel
-
-    if not isinstance(delta, LoraModel):
-        raise ValueError(f"format='peft' supports LoRA deltas only; {type(delta).__name__} has no PEFT equivalent here")
+    """Write a LoRA delta (a ``LoraModel``) in PEFT's layout: weights first, then the config that
+    makes the directory a checkpoint."""
     directory = Path(path)
     directory.mkdir(parents=True, exist_ok=True)
     tensors: dict[str, torch.Tensor] = {}
@@ -161,11 +160,19 @@ def read_peft_config(path: str | os.PathLike) -> dict[str, Any]:
     return config
 
 
-def load_peft(path: str | os.PathLike, backbone_model: nn.Module, **overrides):
-    """Attach the LoRA delta stored in a PEFT directory to ``backbone_model``; any mismatch raises
-    and leaves the backbone as it was."""
-    from .methods.lora import LoraModel
+@dataclass
+class PeftAdapter:
+    """A PEFT LoRA adapter read from disk, in the terms of ``LoraModel``."""
 
+    lora_kwargs: dict[str, Any]             # LoraModel keyword arguments that rebuild it
+    factors: dict[str, dict[str, torch.Tensor]]  # module path -> {"A": (r, in), "B": (out, r)}
+    module_tensors: dict[str, torch.Tensor]      # modules_to_save, by parameter name in the backbone
+    source: str                                  # the weights file, for messages
+
+
+def read_peft_adapter(path: str | os.PathLike) -> PeftAdapter:
+    """Read a PEFT LoRA directory: its config checked (unsupported features raise), its tensors
+    grouped per module. The targets come from the weight keys, not from ``target_modules``."""
     config = read_peft_config(path)
     weights = Path(path) / PEFT_WEIGHTS_NAME
     if not weights.is_file():
@@ -191,33 +198,13 @@ def load_peft(path: str | os.PathLike, backbone_model: nn.Module, **overrides):
     rank_default = int(config.get("r", 8))
     alpha_default = config.get("lora_alpha", 8)
     # Per-module ranks come from the tensors; alphas from PEFT's pattern rules.
-    from .methods.lora import pattern_value
-
     rank_pattern = {re.escape(p): int(f["A"].shape[0]) for p, f in factors.items() if f["A"].shape[0] != rank_default}
     alpha_pattern = {re.escape(p): pattern_value(config.get("alpha_pattern") or {}, p, alpha_default)
                      for p in factors}
     alpha_pattern = {k: v for k, v in alpha_pattern.items() if v != alpha_default}
-    module_params = sorted(extra)
-    unfrozen = ["deltas", *sorted({name.rsplit(".", 1)[0] for name in module_params})]
+    unfrozen = ["deltas", *sorted({name.rsplit(".", 1)[0] for name in extra})]
     kwargs = dict(lora_r=rank_default, lora_alpha=alpha_default, lora_dropout=config.get("lora_dropout", 0.0),
                   modified_modules=sorted(factors), common_structure=False, exclude_modules=[],
                   unfrozen_modules=unfrozen, use_rslora=bool(config.get("use_rslora", False)),
                   rank_pattern=rank_pattern, alpha_pattern=alpha_pattern)
-    kwargs.update(overrides)
-    try:
-        delta = LoraModel(backbone_model, **kwargs)
-    except ValueError as err:
-        raise CheckpointError(f"cannot attach the PEFT adapter in {str(path)!r}: {err}") from None
-    ours: dict[str, torch.Tensor] = {}
-    for slot in delta.slots:
-        if slot.path in factors:
-            ours[f"{slot.path}.{slot.child_name}.lora_A"] = factors[slot.path]["A"]
-            ours[f"{slot.path}.{slot.child_name}.lora_B"] = factors[slot.path]["B"]
-    ours.update(extra)
-    try:
-        delta.load_delta_state_dict(ours, expected_targets=sorted(factors), source=str(weights))
-    except BaseException:
-        delta.remove()
-        raise
-    logger.info("loaded PEFT LoRA adapter from %s into %d modules", path, len(delta.slots))
-    return delta
+    return PeftAdapter(kwargs, factors, extra, str(weights))

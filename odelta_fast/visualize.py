@@ -10,6 +10,7 @@ from rich.tree import Tree
 from torch import nn
 
 from . import routing
+from .markers import DELTA_PARAM_ATTR
 
 STYLE_NAME = "white"
 STYLE_TYPE = "green"
@@ -20,8 +21,6 @@ STYLE_FOLD = "red"
 
 
 def _is_delta(param: nn.Parameter) -> bool:
-    from .delta import DELTA_PARAM_ATTR
-
     return hasattr(param, DELTA_PARAM_ATTR)
 
 

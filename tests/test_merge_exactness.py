@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from odelta_fast import BitFitModel, LoraModel
-from odelta_fast.delta import DELTA_PARAM_ATTR
+from odelta_fast.markers import DELTA_PARAM_ATTR
 from odelta_fast.merging import snapshot_bytes
 from helpers import main_output, randomize_
 from tiny_models import tiny_model

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from odelta_fast import AutoDeltaModel
-from odelta_fast.delta import DELTA_PARAM_ATTR
+from odelta_fast.markers import DELTA_PARAM_ATTR
 from odelta_fast.integrations import enable_activation_checkpointing
 from odelta_fast.methods.kv_cache import cache_in, cache_parameter
 from odelta_fast.methods.prefix import PrefixModel, PrefixReparameterization

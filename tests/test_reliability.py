@@ -11,7 +11,7 @@ import torch
 
 from odelta_fast import AdapterModel, AutoDeltaModel, BitFitModel, LoraModel, routing
 from odelta_fast.checkpoint import CheckpointError
-from odelta_fast.delta import REGISTRY_ATTR
+from odelta_fast.markers import REGISTRY_ATTR
 from helpers import main_output, randomize_, routed_modules
 from tiny_models import tiny_model
 

@@ -6,6 +6,7 @@ against the place the user can fix. Precedence: defaults < YAML file < flags < `
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -141,9 +142,14 @@ def coerce(key: str, value: Any, where: str, kind: Optional[str] = None) -> Any:
             if isinstance(value, (list, tuple)) and all(isinstance(v, (str, int)) for v in value):
                 return [str(v) for v in value]
             raise ValueError
+        if kind == "dict":
+            value = json.loads(value) if isinstance(value, str) else value
+            if not isinstance(value, dict):
+                raise ValueError
+            return value
     except (TypeError, ValueError):
         expected = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string",
-                    "list": "a list of names"}[kind]
+                    "list": "a list of names", "dict": 'a JSON object such as {"q_proj": 4}'}[kind]
         raise CLIError(f"{where}: {key} = {value!r} is not {expected}")
     return value
 

@@ -51,7 +51,7 @@ def _nvcc() -> tuple[Optional[str], Optional[str]]:
 def collect() -> dict[str, Any]:
     import torch
 
-    from .. import __version__
+    from ..version import __version__
 
     info: dict[str, Any] = {
         "odelta_fast": __version__,

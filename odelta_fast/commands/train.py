@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+from ..addressing import TargetNotFoundError
 from ..logging_utils import get_logger, tqdm_disable
 from . import config as cfg
 from .common import (CLIError, auto_class, brief, dtype_from_name, from_pretrained_kwargs, load_model_config,
@@ -126,27 +127,11 @@ FLAG_KEYS = [
 
 
 def method_hyperparameters(name: str, where: str = "--method") -> dict[str, str]:
-    """A method's own constructor arguments (not addressing ones) -> the type used to parse them."""
-    from ..delta import _init_kwargs
-
-    cls = method_class(name, flag=where)
-    out = {}
-    for key, param in _init_kwargs(cls).items():
-        if key in cls._addressing_keys:
-            continue
-        annotation = str(param.annotation)
-        default = param.default
-        if "bool" in annotation or isinstance(default, bool):
-            out[key] = "bool"
-        elif annotation in ("int", "Optional[int]") or (type(default) is int and "float" not in annotation):
-            out[key] = "int"
-        elif "float" in annotation or isinstance(default, float):
-            out[key] = "float"
-        elif annotation == "str" or isinstance(default, str):
-            out[key] = "str"
-        else:
-            out[key] = "any"
-    return out
+    """A method's own hyper-parameters (its config's fields besides the addressing ones) -> the
+    kind of value each takes, from the config's declared types."""
+    config_class = method_class(name, flag=where).config_class
+    kinds = config_class.field_kinds()
+    return {key: kinds[key] for key in config_class.hyperparameter_names()}
 
 
 def resolve_config(args: argparse.Namespace) -> cfg.RunConfig:
@@ -454,12 +439,11 @@ def _attach(config: cfg.RunConfig, model, task: str):
     kwargs["backend"] = config.get("method.backend") or "auto"
     try:
         delta = cls(model, **kwargs)
+    except TargetNotFoundError as err:
+        where = _flag_for(config, "method.targets" if config.get("method.targets") else "method.name")
+        raise CLIError(f"{where}: {one_line(err)}")
     except (ValueError, TypeError) as err:
-        message = one_line(err)
-        if "module spec" in message and "matches no" in message:
-            where = _flag_for(config, "method.targets" if config.get("method.targets") else "method.name")
-            raise CLIError(f"{where}: {message}")
-        raise CLIError(f"method {config.get('method.name')!r}: {message}")
+        raise CLIError(f"method {config.get('method.name')!r}: {one_line(err)}")
     unfrozen = config.get("method.unfrozen")
     if unfrozen is None:
         unfrozen = ["deltas"] + (HEAD_SPECS if task == CLASSIFICATION else [])

@@ -7,12 +7,14 @@ the low-rank adapter). All of them compute through the one ``adapter_bottleneck`
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from dataclasses import dataclass
+from typing import ClassVar, Optional, Sequence
 
 import torch
 from torch import nn
 
 from .. import ops
+from ..configs import BaseDeltaConfig, positive_int
 from ..delta import DeltaBase, DeltaModule
 from ..routing import map_hidden
 from .shapes import input_features, output_features, param_device_dtype
@@ -68,10 +70,28 @@ class AdapterDelta(DeltaModule):
         return ops.adapter.adapter_backends()
 
 
+@dataclass
+class AdapterConfig(BaseDeltaConfig):
+    """A bottleneck of ``bottleneck_dim`` with ``non_linearity`` between; its output times
+    ``scaling`` is added to the module's output (``layer_norm``: normalise the adapter's input)."""
+
+    delta_type: ClassVar[str] = "adapter"
+
+    bottleneck_dim: int = 24
+    non_linearity: str = "gelu_new"
+    scaling: float = 1.0
+    layer_norm: bool = False
+
+    def validate(self):
+        positive_int(self, "bottleneck_dim")
+        ops.adapter.activation_fn(self.non_linearity)
+
+
 class AdapterModel(DeltaBase):
     """Sequential bottleneck adapters after the attention output and feed-forward down projections."""
 
     delta_type = "adapter"
+    config_class = AdapterConfig
     default_modified_modules = ["attn.o", "ff.w2"]
 
     def __init__(
@@ -88,13 +108,7 @@ class AdapterModel(DeltaBase):
         layer_norm: bool = False,
         name: Optional[str] = None,
     ):
-        if not isinstance(bottleneck_dim, int) or bottleneck_dim < 1:
-            raise ValueError(f"bottleneck_dim must be a positive integer, got {bottleneck_dim!r}")
-        ops.adapter.activation_fn(non_linearity)
-        super().__init__(backbone_model, modified_modules, exclude_modules, unfrozen_modules, common_structure, backend, name)
-        self.bottleneck_dim, self.non_linearity = bottleneck_dim, non_linearity
-        self.scaling, self.layer_norm = scaling, layer_norm
-        self.add_all_delta_to_backbone()
+        DeltaBase.__init__(self, backbone_model, AdapterConfig.from_arguments(locals()))
 
     delta_class = AdapterDelta
     route = "sequential"

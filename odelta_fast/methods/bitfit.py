@@ -7,13 +7,15 @@ into the module's own bias where there is one.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from dataclasses import dataclass
+from typing import ClassVar, Optional, Sequence
 
 import torch
 from torch import nn
 
 from .. import ops
 from ..addressing import backbone_modules, is_delta_module
+from ..configs import BaseDeltaConfig
 from ..delta import DeltaBase, DeltaModule
 from ..routing import map_hidden
 from .shapes import is_conv1d, output_features
@@ -73,10 +75,18 @@ def _has_width(module: nn.Module) -> bool:
     return isinstance(weight, nn.Parameter) and weight.dim() == 1
 
 
+@dataclass
+class BitFitConfig(BaseDeltaConfig):
+    """BitFit has no hyper-parameters of its own: only which modules get a bias."""
+
+    delta_type: ClassVar[str] = "bitfit"
+
+
 class BitFitModel(DeltaBase):
     """Bias terms on the attention and feed-forward projections and the layer norms."""
 
     delta_type = "bitfit"
+    config_class = BitFitConfig
     default_modified_modules = ["attn", "ff", "attn.layer_norm", "ff.layer_norm"]
 
     def __init__(
@@ -89,8 +99,7 @@ class BitFitModel(DeltaBase):
         backend: str = "auto",
         name: Optional[str] = None,
     ):
-        super().__init__(backbone_model, modified_modules, exclude_modules, unfrozen_modules, common_structure, backend, name)
-        self.add_all_delta_to_backbone()
+        DeltaBase.__init__(self, backbone_model, BitFitConfig.from_arguments(locals()))
 
     def default_targets(self):
         return self.present_common_names(self.default_modified_modules)

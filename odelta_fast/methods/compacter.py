@@ -2,12 +2,15 @@
 ``W = sum_i A_i (x) B_i`` with ``B_i`` optionally factorised to rank ``phm_rank``."""
 from __future__ import annotations
 
-import math
-from typing import Optional, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar, Optional, Sequence
 
 import torch
 from torch import nn
 
+from .. import ops
+from ..configs import BaseDeltaConfig, positive_int
+from ..delta import DeltaBase
 from .adapter import AdapterDelta, AdapterModel
 
 
@@ -74,8 +77,40 @@ class CompacterDelta(AdapterDelta):
         return self.down_phm().t(), self.up_phm().t()
 
 
+@dataclass
+class CompacterConfig(BaseDeltaConfig):
+    """A bottleneck of ``in_features // reduction_factor`` whose projections are sums of
+    ``hypercomplex_division`` Kronecker products (OpenDelta's names and defaults)."""
+
+    delta_type: ClassVar[str] = "compacter"
+
+    reduction_factor: int = 16
+    non_linearity: str = "gelu_new"
+    phm_c_init: str = "normal"
+    hypercomplex_division: int = 4
+    learn_phm: bool = True
+    hypercomplex_nonlinearity: str = "glorot-uniform"
+    shared_phm_rule: bool = False
+    factorized_phm: bool = True
+    shared_W_phm: bool = False
+    factorized_phm_rule: bool = False
+    phm_rank: int = 1
+    phm_init_range: float = 0.0001
+    kronecker_prod: Any = None
+    use_bias_up_sampler: bool = True
+    use_bias_down_sampler: bool = True
+
+    def validate(self):
+        positive_int(self, "reduction_factor", "hypercomplex_division", "phm_rank")
+        for flag in ("shared_phm_rule", "shared_W_phm", "factorized_phm_rule"):
+            if getattr(self, flag):
+                raise ValueError(f"CompacterModel: {flag}=True is not supported; leave it False")
+        ops.adapter.activation_fn(self.non_linearity)
+
+
 class CompacterModel(AdapterModel):
     delta_type = "compacter"
+    config_class = CompacterConfig
     delta_class = CompacterDelta
 
     def __init__(
@@ -103,16 +138,7 @@ class CompacterModel(AdapterModel):
         use_bias_down_sampler: bool = True,
         name: Optional[str] = None,
     ):
-        for flag in ("shared_phm_rule", "shared_W_phm", "factorized_phm_rule"):
-            if locals()[flag]:
-                raise ValueError(f"CompacterModel: {flag}=True is not supported; leave it False")
-        self.reduction_factor, self.hypercomplex_division, self.phm_rank = reduction_factor, hypercomplex_division, phm_rank
-        self.phm_c_init, self.learn_phm, self.hypercomplex_nonlinearity = phm_c_init, learn_phm, hypercomplex_nonlinearity
-        self.shared_phm_rule, self.factorized_phm, self.shared_W_phm = shared_phm_rule, factorized_phm, shared_W_phm
-        self.factorized_phm_rule, self.phm_init_range, self.kronecker_prod = factorized_phm_rule, phm_init_range, kronecker_prod
-        self.use_bias_up_sampler, self.use_bias_down_sampler = use_bias_up_sampler, use_bias_down_sampler
-        super().__init__(backbone_model, 1, non_linearity, modified_modules, exclude_modules, unfrozen_modules,
-                         common_structure, backend, name=name)
+        DeltaBase.__init__(self, backbone_model, CompacterConfig.from_arguments(locals()))
 
     def delta_kwargs(self, in_features, out_features):
         bottleneck = max(in_features // self.reduction_factor, 1)

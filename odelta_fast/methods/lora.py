@@ -5,15 +5,20 @@ low-rank update), which the fused kernels implement; the backbone's weight is on
 """
 from __future__ import annotations
 
+import logging
 import math
-import re
-from typing import Optional, Sequence
+from dataclasses import dataclass, field
+from typing import ClassVar, Optional, Sequence
 
 import torch
 from torch import nn
 
-from .. import ops
-from ..addressing import linear_types
+logger = logging.getLogger("odelta_fast")
+
+from .. import ops, peft_format
+from ..checkpoint import CheckpointError
+from ..addressing import linear_types, pattern_value
+from ..configs import BaseDeltaConfig, positive_int
 from ..delta import DeltaBase, DeltaModule
 from ..ops.low_rank import lora_update
 from .shapes import is_conv1d, linear_features
@@ -80,12 +85,26 @@ class LoraDelta(DeltaModule):
         return f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:g}, dropout={self.dropout}"
 
 
-def pattern_value(patterns: dict, path: str, default):
-    """The value of the first pattern that matches the end of ``path`` on a segment boundary."""
-    for pattern, value in patterns.items():
-        if re.match(rf"(.*\.)?({pattern})$", path):
-            return value
-    return default
+@dataclass
+class LoraConfig(BaseDeltaConfig):
+    """LoRA: rank ``lora_r``, scaling ``lora_alpha / lora_r`` (rsLoRA: ``/ sqrt(lora_r)``),
+    dropout on the input of the low-rank path. ``rank_pattern`` / ``alpha_pattern`` override
+    the rank / alpha of modules whose path ends with a match of the regex (PEFT's semantics)."""
+
+    delta_type: ClassVar[str] = "lora"
+
+    lora_r: int = 8
+    lora_alpha: float = 16
+    lora_dropout: float = 0.0
+    use_rslora: bool = False
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
+
+    def validate(self):
+        positive_int(self, "lora_r")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
+        self.rank_pattern, self.alpha_pattern = dict(self.rank_pattern or {}), dict(self.alpha_pattern or {})
 
 
 class LoraModel(DeltaBase):
@@ -93,6 +112,7 @@ class LoraModel(DeltaBase):
     (``attn.q``, ``attn.v``), or the fused ``attn.qkv`` where the architecture fuses them."""
 
     delta_type = "lora"
+    config_class = LoraConfig
     default_modified_modules = ["attn.q", "attn.v"]
 
     def __init__(
@@ -111,17 +131,8 @@ class LoraModel(DeltaBase):
         alpha_pattern: Optional[dict[str, float]] = None,
         name: Optional[str] = None,
     ):
-        if not isinstance(lora_r, int) or lora_r < 1:
-            raise ValueError(f"lora_r must be a positive integer, got {lora_r!r}")
-        if not 0.0 <= lora_dropout < 1.0:
-            raise ValueError(f"lora_dropout must be in [0, 1), got {lora_dropout!r}")
         self.target_types = linear_types()
-        super().__init__(backbone_model, modified_modules, exclude_modules, unfrozen_modules, common_structure, backend, name)
-        self.lora_r, self.lora_alpha, self.lora_dropout, self.use_rslora = lora_r, lora_alpha, lora_dropout, use_rslora
-        # Per-module overrides, with PEFT's semantics (a regex matched against the end of the
-        # module path), so PEFT checkpoints that use them load unchanged.
-        self.rank_pattern, self.alpha_pattern = dict(rank_pattern or {}), dict(alpha_pattern or {})
-        self.add_all_delta_to_backbone()
+        DeltaBase.__init__(self, backbone_model, LoraConfig.from_arguments(locals()))
 
     def default_targets(self):
         # q and v where they are separate, the fused projection where they are not; a wrapper
@@ -140,7 +151,27 @@ class LoraModel(DeltaBase):
 
     @classmethod
     def from_peft(cls, path: str, backbone_model: nn.Module, **overrides) -> "LoraModel":
-        """Load a LoRA checkpoint saved by PEFT (``adapter_config.json`` + ``adapter_model.safetensors``)."""
-        from ..peft_format import load_peft
+        """Load a LoRA checkpoint saved by PEFT (``adapter_config.json`` + ``adapter_model.safetensors``);
+        any mismatch raises ``CheckpointError`` and leaves the backbone as it was."""
+        adapter = peft_format.read_peft_adapter(path)
+        try:
+            delta = cls(backbone_model, **{**adapter.lora_kwargs, **overrides})
+        except ValueError as err:
+            raise CheckpointError(f"cannot attach the PEFT adapter in {str(path)!r}: {err}") from None
+        tensors = dict(adapter.module_tensors)
+        for slot in delta.slots:
+            if slot.path in adapter.factors:
+                tensors[f"{slot.path}.{slot.child_name}.lora_A"] = adapter.factors[slot.path]["A"]
+                tensors[f"{slot.path}.{slot.child_name}.lora_B"] = adapter.factors[slot.path]["B"]
+        try:
+            delta.load_delta_state_dict(tensors, expected_targets=sorted(adapter.factors), source=adapter.source)
+        except BaseException:
+            delta.remove()
+            raise
+        logger.info("loaded PEFT LoRA adapter from %s into %d modules", path, len(delta.slots))
+        return delta
 
-        return load_peft(path, backbone_model, **overrides)
+    def save_in_format(self, fmt: str, path: str) -> str:
+        if fmt == "peft":
+            return peft_format.save_peft(self, path)
+        return super().save_in_format(fmt, path)

@@ -3,11 +3,15 @@
 correct for rank 1)."""
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from dataclasses import dataclass
+from typing import ClassVar, Optional, Sequence
 
 import torch
 from torch import nn
 
+from .. import ops
+from ..configs import BaseDeltaConfig, positive_int
+from ..delta import DeltaBase
 from .adapter import AdapterDelta, AdapterModel
 from .compacter import _init
 
@@ -32,8 +36,26 @@ class LowRankAdapterDelta(AdapterDelta):
         return (self.down_left @ self.down_right).t(), (self.up_left @ self.up_right).t()
 
 
+@dataclass
+class LowRankAdapterConfig(BaseDeltaConfig):
+    """A bottleneck of ``in_features // reduction_factor`` whose projections are products of
+    rank-``low_rank_rank`` factors."""
+
+    delta_type: ClassVar[str] = "low_rank_adapter"
+
+    reduction_factor: int = 32
+    non_linearity: str = "gelu_new"
+    low_rank_w_init: str = "glorot-uniform"
+    low_rank_rank: int = 1
+
+    def validate(self):
+        positive_int(self, "reduction_factor", "low_rank_rank")
+        ops.adapter.activation_fn(self.non_linearity)
+
+
 class LowRankAdapterModel(AdapterModel):
     delta_type = "low_rank_adapter"
+    config_class = LowRankAdapterConfig
     delta_class = LowRankAdapterDelta
 
     def __init__(
@@ -50,11 +72,7 @@ class LowRankAdapterModel(AdapterModel):
         backend: str = "auto",
         name: Optional[str] = None,
     ):
-        if not isinstance(low_rank_rank, int) or low_rank_rank < 1:
-            raise ValueError(f"low_rank_rank must be a positive integer, got {low_rank_rank!r}")
-        self.reduction_factor, self.low_rank_w_init, self.low_rank_rank = reduction_factor, low_rank_w_init, low_rank_rank
-        super().__init__(backbone_model, 1, non_linearity, modified_modules, exclude_modules, unfrozen_modules,
-                         common_structure, backend, name=name)
+        DeltaBase.__init__(self, backbone_model, LowRankAdapterConfig.from_arguments(locals()))
 
     def delta_kwargs(self, in_features, out_features):
         return {"bottleneck_dim": max(in_features // self.reduction_factor, 1), "non_linearity": self.non_linearity,

@@ -49,13 +49,15 @@ from __future__ import annotations
 
 import inspect
 from collections import OrderedDict
-from typing import Optional, Sequence
+from dataclasses import dataclass
+from typing import ClassVar, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .. import routing
+from ..configs import BaseDeltaConfig, positive_int
 from ..delta import DeltaBase, DeltaModule
 from .kv_cache import HISTORICAL_CACHE_NAMES, cache_parameter
 from .shapes import param_device_dtype, pretrained_model_type
@@ -423,11 +425,32 @@ class PrefixStackDelta(DeltaModule):
         return f"layers={len(self.layouts)}, rows={self.start}:{self.end}"
 
 
+@dataclass
+class PrefixConfig(BaseDeltaConfig):
+    """``prefix_token_num`` learned key/value positions per layer; with ``reparameterize`` they
+    come from an ``embed_dim`` -> ``mid_dim`` MLP shared by all layers (OpenDelta's names)."""
+
+    delta_type: ClassVar[str] = "prefix"
+
+    prefix_token_num: int = 6
+    reparameterize: bool = True
+    embed_dim: int = 512
+    mid_dim: int = 512
+
+    def validate(self):
+        positive_int(self, "prefix_token_num", "embed_dim", "mid_dim")
+        self.reparameterize = bool(self.reparameterize)
+        if self.backend not in ("auto", "eager"):
+            raise ValueError(f"PrefixModel runs in plain PyTorch only; backend={self.backend!r} is not available "
+                             "(use 'auto' or 'eager')")
+
+
 class PrefixModel(DeltaBase):
     """Prefix tuning on self-attention modules (common name ``attn``); see the module docstring
     for how the prefix is applied and which architectures work."""
 
     delta_type = "prefix"
+    config_class = PrefixConfig
     default_modified_modules = ["attn"]
 
     def __init__(
@@ -444,17 +467,8 @@ class PrefixModel(DeltaBase):
         backend: str = "auto",
         name: Optional[str] = None,
     ):
-        for arg, value in (("prefix_token_num", prefix_token_num), ("embed_dim", embed_dim), ("mid_dim", mid_dim)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{arg} must be a positive integer, got {value!r}")
-        if backend not in ("auto", "eager"):
-            raise ValueError(f"PrefixModel runs in plain PyTorch only; backend={backend!r} is not available (use 'auto' or 'eager')")
-        super().__init__(backbone_model, modified_modules, exclude_modules, unfrozen_modules, common_structure, backend, name)
-        self.prefix_token_num = prefix_token_num
-        self.reparameterize = bool(reparameterize)
-        self.embed_dim, self.mid_dim = embed_dim, mid_dim
-        self._state = _PrefixState()
-        self.add_all_delta_to_backbone()
+        self._state = _PrefixState()  # shared by the layers' deltas, built while targets are selected
+        DeltaBase.__init__(self, backbone_model, PrefixConfig.from_arguments(locals()))
 
     # ------------------------------------------------------------------ construction
     def select_targets(self):

@@ -24,12 +24,14 @@ means every token is attended).
 from __future__ import annotations
 
 import inspect
-from typing import Any, Mapping, Optional, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Mapping, Optional, Sequence
 
 import torch
 from torch import nn
 
 from ..addressing import select_modules
+from ..configs import BaseDeltaConfig, positive_int
 from ..delta import DeltaBase, DeltaModule
 from .kv_cache import cache_length
 from .shapes import pretrained_model_type
@@ -193,13 +195,41 @@ class EncoderMaskDelta(DeltaModule):
         return args, kwargs
 
 
+@dataclass
+class SoftPromptConfig(BaseDeltaConfig):
+    """``soft_token_num`` learned embeddings in front of the input, initialised from the
+    vocabulary (``token_init``) or uniformly in ``+-init_range``; ``other_expand_ids`` maps the
+    inputs widened with them to their fill value."""
+
+    delta_type: ClassVar[str] = "soft_prompt"
+
+    soft_token_num: int = 100
+    init_range: float = 0.5
+    token_init: bool = True
+    other_expand_ids: dict[str, Any] = field(default_factory=lambda: {"attention_mask": 1, "token_type_ids": 0})
+
+    def validate(self):
+        positive_int(self, "soft_token_num")
+        if not isinstance(self.other_expand_ids, Mapping):
+            raise TypeError(f"other_expand_ids must map input names to fill values, "
+                            f"got {type(self.other_expand_ids).__name__}")
+        self.other_expand_ids = dict(self.other_expand_ids)
+        self.init_range, self.token_init = float(self.init_range), bool(self.token_init)
+        if self.backend not in ("auto", "eager"):
+            raise ValueError(f"SoftPromptModel runs in plain PyTorch only; backend={self.backend!r} is not available "
+                             "(use 'auto' or 'eager')")
+
+
 class SoftPromptModel(DeltaBase):
     """Soft prompt tuning. By default (``modified_modules=None``) the prompt goes in front of the
     input of the outermost transformers model in the backbone, or of its encoder when it is an
     encoder-decoder; ``modified_modules`` may name that module explicitly (exactly one)."""
 
     delta_type = "soft_prompt"
-    default_modified_modules: list[str] = []  # empty: found from the model, see select_targets
+    config_class = SoftPromptConfig
+    # Empty: the prompt's place is found from the model, not from names, so an architecture
+    # without a common-structure map works too (see select_targets).
+    default_modified_modules: list[str] = []
 
     def __init__(
         self,
@@ -215,22 +245,7 @@ class SoftPromptModel(DeltaBase):
         backend: str = "auto",
         name: Optional[str] = None,
     ):
-        if not isinstance(soft_token_num, int) or isinstance(soft_token_num, bool) or soft_token_num < 1:
-            raise ValueError(f"soft_token_num must be a positive integer, got {soft_token_num!r}")
-        if not isinstance(other_expand_ids, Mapping):
-            raise TypeError(f"other_expand_ids must map input names to fill values, got {type(other_expand_ids).__name__}")
-        if backend not in ("auto", "eager"):
-            raise ValueError(f"SoftPromptModel runs in plain PyTorch only; backend={backend!r} is not available (use 'auto' or 'eager')")
-        # The prompt's place is found from the model, not from names, so an architecture without a
-        # common-structure map works too: [] stands for "find it".
-        super().__init__(backbone_model, [] if modified_modules is None else modified_modules, exclude_modules,
-                         unfrozen_modules, common_structure, backend, name)
-        self.uses_default_targets = not self.modified_modules
-        self.soft_token_num = soft_token_num
-        self.init_range = float(init_range)
-        self.token_init = bool(token_init)
-        self.other_expand_ids = dict(other_expand_ids)
-        self.add_all_delta_to_backbone()
+        DeltaBase.__init__(self, backbone_model, SoftPromptConfig.from_arguments(locals()))
 
     # ------------------------------------------------------------------ construction
     def select_targets(self):
