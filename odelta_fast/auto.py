@@ -10,8 +10,9 @@ from . import checkpoint
 from .configs import BaseDeltaConfig
 from .peft_format import is_peft_checkpoint
 
-# delta_type -> "module:ClassName", imported on first use so one broken method cannot break the rest.
-DELTA_MODEL_MAPPING: dict[str, str] = {
+# delta_type -> "module:ClassName", imported on first use so one broken method cannot break the rest
+# (or the class itself, for methods registered with register_method).
+DELTA_MODEL_MAPPING: dict[str, Any] = {
     "lora": "odelta_fast.methods.lora:LoraModel",
     "bitfit": "odelta_fast.methods.bitfit:BitFitModel",
     "adapter": "odelta_fast.methods.adapter:AdapterModel",
@@ -28,8 +29,25 @@ def model_class(delta_type: str):
         target = DELTA_MODEL_MAPPING[delta_type]
     except KeyError:
         raise ValueError(f"unknown delta_type {delta_type!r}; expected one of {sorted(DELTA_MODEL_MAPPING)}") from None
+    if not isinstance(target, str):
+        return target
     module_name, class_name = target.split(":")
     return getattr(importlib.import_module(module_name), class_name)
+
+
+def register_method(cls) -> type:
+    """Make a method written outside this package known to ``AutoDeltaConfig``,
+    ``AutoDeltaModel`` and the command line by its ``delta_type`` (usable as a decorator)."""
+    if not getattr(cls, "delta_type", "") or getattr(cls, "config_class", None) is None:
+        raise ValueError(f"{cls.__name__} needs a delta_type and a config_class to be registered")
+    if cls.config_class.delta_type != cls.delta_type:
+        raise ValueError(f"{cls.__name__}.delta_type {cls.delta_type!r} differs from its config's "
+                         f"{cls.config_class.delta_type!r}")
+    known = DELTA_MODEL_MAPPING.get(cls.delta_type)
+    if known is not None and known is not cls:
+        raise ValueError(f"delta_type {cls.delta_type!r} is taken by {known}")
+    DELTA_MODEL_MAPPING[cls.delta_type] = cls
+    return cls
 
 
 def config_class(delta_type: str) -> type[BaseDeltaConfig]:

@@ -27,17 +27,17 @@ from .structure import structure_map
 logger = logging.getLogger("odelta_fast")
 
 DELTAS_TOKEN = "deltas"  # in unfrozen_modules / freeze_module(exclude=...): this delta's own parameters
-ORIGINAL_STATE_DICT_ATTR = "_odelta_state_dict_filter"
-LOAD_HOOKS_ATTR = "_odelta_load_hooks"
+STATE_DICT_HOOKS_ATTR = "_odelta_state_dict_hooks"
 LOAD_PREFIX_ATTR = "_odelta_load_prefix"
 
 
-class DeltaModule(nn.Module):
-    """The delta attached to one target module; subclasses set ``route_kind`` (see ``routing``)
-    and implement the matching hook, plus ``fold_`` where the delta can be merged into the
-    target's parameter ``merge_parameter``."""
+class DeltaModule(routing.RouteHooks):
+    """The delta attached to one target module. Subclasses set ``route_kind`` and implement the
+    matching hooks of ``routing.RouteHooks`` (how the delta joins the forward), list the op
+    backends they have (``implemented_backends``), and, where the delta can be folded into the
+    target's parameter ``merge_parameter``, set ``mergeable`` and implement ``fold_``. See
+    docs/adding_a_method.md."""
 
-    route_kind: ClassVar[str] = "sequential"
     mergeable: ClassVar[bool] = False
     merge_parameter: ClassVar[str] = "weight"
 
@@ -50,6 +50,12 @@ class DeltaModule(nn.Module):
     def route_active(self) -> bool:
         # A merged delta lives in the base weights; routing it too would count it twice.
         return not self.merged
+
+    def refer(self, name: str, value) -> None:
+        """Keep ``value`` (a backbone module, a shared object) as a plain attribute, never as a
+        child: as a child, the backbone's own modules would look like parts of the delta in
+        ``parameters()``, ``state_dict()`` and ``.to()``."""
+        object.__setattr__(self, name, value)
 
     def fold_(self, target: nn.Module, param: torch.Tensor) -> None:
         """Add this delta's contribution to ``param`` (the target's ``merge_parameter``, or a
@@ -597,24 +603,21 @@ def _merged_delta_keys(model: nn.Module) -> Optional[set[str]]:
     return {f"{path}.{name}" if path else name for path, m in merged for name, _ in m.state_dict().items()}
 
 
-def _filtered_state_dict(self, *args, **kwargs):
-    full = type(self).state_dict(self, *args, **kwargs)
-    prefix = kwargs.get("prefix", args[1] if len(args) > 1 else "")
-    merged = _merged_delta_keys(self)
+def _filter_state_dict(module: nn.Module, state_dict, prefix: str, local_metadata) -> None:
+    """State-dict post-hook of a backbone with deltas: drop the frozen backbone tensors."""
+    merged = _merged_delta_keys(module)
     if merged is not None:
         # A merged model is a deployable model (save_pretrained must write every weight): all of
         # it, less the tensors of deltas that now live inside the weights.
-        drop = {prefix + k for k in merged}
-        for key in [k for k in full if k in drop]:
-            del full[key]
-        return full
-    keep = {prefix + k for k in _trainable_or_delta_keys(self)}
-    for key in list(full):
-        # Inside a wrapper (DDP's ``module.``, a user's container) ``full`` is the caller's
+        for key in [prefix + k for k in merged if prefix + k in state_dict]:
+            del state_dict[key]
+        return
+    keep = {prefix + k for k in _trainable_or_delta_keys(module)}
+    for key in list(state_dict):
+        # Inside a wrapper (DDP's ``module.``, a user's container) ``state_dict`` is the caller's
         # destination: keys outside ``prefix`` are siblings' and not ours to drop.
         if key.startswith(prefix) and key not in keep:
-            del full[key]
-    return full
+            del state_dict[key]
 
 
 def _remember_load_prefix(module, state_dict, prefix, *args):
@@ -635,21 +638,24 @@ def _forgive_filtered_keys(module, incompatible_keys):
 def install_state_dict_filter(model: nn.Module) -> None:
     """Make ``model.state_dict()`` return only trainable and delta tensors (computed at call
     time, so it follows later freezing), and ``load_state_dict`` accept what it returns: frozen
-    backbone tensors absent from a loaded dict are not reported missing. Idempotent."""
-    import types
-
-    if model.__dict__.get(ORIGINAL_STATE_DICT_ATTR):
+    backbone tensors absent from a loaded dict are not reported missing. Torch's own state-dict
+    and load hooks, so it also holds inside wrappers (DDP, a user's container). Idempotent."""
+    if has_state_dict_filter(model):
         return
-    model.__dict__[ORIGINAL_STATE_DICT_ATTR] = True
-    model.state_dict = types.MethodType(_filtered_state_dict, model)
+    register_post = getattr(model, "register_state_dict_post_hook", None)  # public since torch 2.5
+    filter_hook = register_post(_filter_state_dict) if register_post else model._register_state_dict_hook(
+        _filter_state_dict)
     register_pre = getattr(model, "register_load_state_dict_pre_hook", None)
     pre = register_pre(_remember_load_prefix) if register_pre else model._register_load_state_dict_pre_hook(
         _remember_load_prefix, with_module=True)
-    model.__dict__[LOAD_HOOKS_ATTR] = (pre, model.register_load_state_dict_post_hook(_forgive_filtered_keys))
+    model.__dict__[STATE_DICT_HOOKS_ATTR] = (
+        filter_hook, pre, model.register_load_state_dict_post_hook(_forgive_filtered_keys))
+
+
+def has_state_dict_filter(model: nn.Module) -> bool:
+    return STATE_DICT_HOOKS_ATTR in model.__dict__
 
 
 def remove_state_dict_filter(model: nn.Module) -> None:
-    if model.__dict__.pop(ORIGINAL_STATE_DICT_ATTR, False):
-        del model.__dict__["state_dict"]
-        for handle in model.__dict__.pop(LOAD_HOOKS_ATTR, ()):
-            handle.remove()
+    for handle in model.__dict__.pop(STATE_DICT_HOOKS_ATTR, ()):
+        handle.remove()

@@ -135,10 +135,9 @@ class MultiLoraDelta(DeltaModule):
 
     def __init__(self, owner: "MultiDelta", bank: _Bank, backend: str):
         super().__init__(backend)
-        # Plain attributes, not submodules or buffers: the banks must not show up in the
-        # backbone's state_dict, parameters() or .to().
-        self.__dict__["_owner"] = owner
-        self.__dict__["bank"] = bank
+        # The banks must not show up in the backbone's state_dict, parameters() or .to().
+        self.refer("_owner", owner)
+        self.refer("bank", bank)
 
     def implemented_backends(self):
         return multi_lora.multi_lora_backends()

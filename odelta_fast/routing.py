@@ -5,7 +5,8 @@ modules attached to it; its class, its source code and its parameters are untouc
 the last delta deletes the instance attribute, so the class's own forward (or whatever instance
 forward was there before, e.g. an accelerate hook) is back, bit for bit.
 
-Delta modules declare how they join the computation with ``route_kind``:
+Delta modules declare how they join the computation with ``route_kind`` and implement the
+matching hooks of ``RouteHooks`` (below), the protocol this dispatcher speaks:
 
 * ``"replace"``: computes the module's whole output itself (LoRA: base matmul plus the low-rank
   update in one op). It receives the original forward for anything it does not handle. If
@@ -24,7 +25,7 @@ from __future__ import annotations
 
 import copy
 import inspect
-from typing import Any, Callable
+from typing import Any, Callable, ClassVar
 
 import torch
 from torch import nn
@@ -51,6 +52,52 @@ _NO_INSTANCE_FORWARD = _NoInstanceForward()
 ROUTE_KINDS = ("replace", "parallel", "sequential", "pre", "bias")
 
 
+class RouteHooks(nn.Module):
+    """The hooks the routed forward calls on a delta module, by its ``route_kind``. A method
+    implements the ones its route kind uses; the defaults say what is missing."""
+
+    route_kind: ClassVar[str] = "sequential"
+    # "replace" deltas only: accepts ``extra_bias=`` (a bias delta folded into its epilogue).
+    fuses_bias: ClassVar[bool] = False
+
+    @property
+    def route_active(self) -> bool:
+        """Whether the dispatcher routes through this delta now (a merged delta lives in the weights)."""
+        return True
+
+    def replace(self, target: nn.Module, original: Callable, args: tuple, kwargs: dict, extra_bias=None) -> Any:
+        """"replace": the module's whole output; ``original`` is its own forward."""
+        raise NotImplementedError(f"{type(self).__name__} has route_kind 'replace' but no replace()")
+
+    def parallel(self, target: nn.Module, args: tuple, kwargs: dict) -> torch.Tensor:
+        """"parallel" (and a second "replace" on one module): a tensor added to the hidden states."""
+        raise NotImplementedError(f"{type(self).__name__} cannot add its output in parallel (no parallel())")
+
+    def pre(self, target: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        """"pre": the arguments the module is called with."""
+        raise NotImplementedError(f"{type(self).__name__} has route_kind 'pre' but no pre()")
+
+    def post(self, target: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        """"sequential": the module's output, transformed."""
+        raise NotImplementedError(f"{type(self).__name__} has route_kind 'sequential' but no post()")
+
+    def bias_vector(self) -> torch.Tensor:
+        """"bias": the per-feature vector added to the module's output."""
+        raise NotImplementedError(f"{type(self).__name__} has route_kind 'bias' but no bias_vector()")
+
+    def can_fuse(self, target: nn.Module) -> bool:
+        """"bias": whether ``fused_forward`` can compute the module with the bias in its epilogue."""
+        return False
+
+    def fused_forward(self, target: nn.Module, args: tuple, kwargs: dict, extra_bias: torch.Tensor) -> Any:
+        """"bias": the module's output computed with ``extra_bias`` added by its own GEMM."""
+        raise NotImplementedError(f"{type(self).__name__} cannot compute {type(target).__name__} itself")
+
+    def add_to(self, output: Any, extra_bias: torch.Tensor) -> Any:
+        """"bias": ``output`` with ``extra_bias`` added to its hidden states."""
+        return map_hidden(output, lambda h: h + extra_bias.to(h.dtype))
+
+
 def map_hidden(output: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
     """Apply ``fn`` to the hidden states of a module output: the tensor itself, the first element
     of a tuple/list (attention blocks return ``(hidden, weights, ...)``), or the first field of a
@@ -66,12 +113,6 @@ def map_hidden(output: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
         output[first] = fn(output[first])
         return output
     raise TypeError(f"cannot find hidden states in a module output of type {type(output).__name__}")
-
-
-def hidden_of(output: Any) -> torch.Tensor:
-    found = []
-    map_hidden(output, lambda t: found.append(t) or t)
-    return found[0]
 
 
 class RoutedForward:
@@ -115,7 +156,7 @@ def _routed_forward(module: nn.Module, *args, **kwargs):
     extra_bias = None
     for delta in bias_deltas:
         extra_bias = delta.bias_vector() if extra_bias is None else extra_bias + delta.bias_vector()
-    if primary is not None and extra_bias is not None and getattr(primary, "fuses_bias", False):
+    if primary is not None and extra_bias is not None and primary.fuses_bias:
         output = primary.replace(module, original, args, kwargs, extra_bias=extra_bias)
         extra_bias = None
     elif primary is not None:

@@ -19,6 +19,7 @@ import torch
 
 from odelta_fast import AutoDeltaModel
 from odelta_fast.cli import main
+from odelta_fast.commands import run_state
 from odelta_fast.commands import train as train_cmd
 
 from tiny_models import tiny_model
@@ -204,7 +205,7 @@ def test_interrupted_training_leaves_the_last_checkpoint_loadable(work, tmp_path
     assert _train(work, out, "--max-steps", "8", "--save-every", "2") == 130
     assert "interrupted at step 4" in capsys.readouterr().err
     assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["checkpoint-2", "checkpoint-4"]
-    assert train_cmd.latest_checkpoint(out) == out / "checkpoint-4"
+    assert run_state.latest_checkpoint(out) == out / "checkpoint-4"
     _checkpoint_loads(work, out / "checkpoint-4")
 
 
@@ -469,7 +470,7 @@ def test_resume_continues_to_the_same_delta_as_an_uninterrupted_run(work, tmp_pa
     monkeypatch.setattr(train_cmd, "_optimizer_step", step_then_interrupt)
     assert _train(work, broken, "--max-steps", "7", "--save-every", "2", "--warmup-steps", "3") == 130
     monkeypatch.undo()
-    assert train_cmd.latest_checkpoint(broken) == broken / "checkpoint-4"
+    assert run_state.latest_checkpoint(broken) == broken / "checkpoint-4"
     capsys.readouterr()
     assert _train(work, broken, "--max-steps", "7", "--save-every", "2", "--warmup-steps", "3", "--resume") == 0
     assert "resuming from" in capsys.readouterr().out

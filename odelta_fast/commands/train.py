@@ -16,28 +16,24 @@ reads to rebuild the right model head.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import math
-import os
-import random
 import shutil
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 from ..addressing import TargetNotFoundError
 from ..logging_utils import get_logger, tqdm_disable
 from . import config as cfg
 from .common import (CLIError, auto_class, brief, dtype_from_name, from_pretrained_kwargs, load_model_config,
-                     load_tokenizer, located, method_class, model_dir, offline, one_line)
+                     load_tokenizer, method_class, model_dir, offline, one_line)
+from .run_state import (RUN_FILES, clean_stale, earlier_run, optimizer_tensors,
+                        prepare_output, restore, save_checkpoint)
+from .train_data import CAUSAL_LM, CLASSIFICATION, Dataset, batches, encode, read_dataset
 
 logger = get_logger("cli.train")
 
-TRAINING_STATE = "training.json"
-OPTIMIZER_STATE = "optimizer.safetensors"  # tensors only: resuming never unpickles
-CLASSIFICATION, CAUSAL_LM = "classification", "causal-lm"
 # Names under which a sequence-classification head lives; it is new, so it trains with the delta.
 HEAD_SPECS = ["lm_head", "classifier", "score"]
 
@@ -145,195 +141,6 @@ def resolve_config(args: argparse.Namespace) -> cfg.RunConfig:
     return cfg.resolve(args.config, flags, overrides, method_keys=method_hyperparameters)
 
 
-# ---------------------------------------------------------------------- data
-@dataclass
-class Dataset:
-    texts: list[str]
-    labels: Optional[list[int]]
-    task: str
-    id2label: Optional[dict[int, str]] = None
-    columns: tuple[str, ...] = ()  # of the first row, for messages
-
-
-def _rows(path: Path):
-    """``(line number, row dict)`` for every record of a .jsonl / .json-lines / .csv / .tsv file."""
-    suffix = path.suffix.lower()
-    if suffix in (".jsonl", ".ndjson", ".json"):
-        with path.open(encoding="utf-8") as handle:
-            for number, line in enumerate(handle, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise CLIError(f"{path}:{number}: not valid JSON ({err.msg}); expected one JSON object per line")
-                if not isinstance(row, dict):
-                    raise CLIError(f"{path}:{number}: expected a JSON object such as "
-                                   f'{{"text": "...", "label": 0}}, got {type(row).__name__}')
-                yield number, row
-    elif suffix in (".csv", ".tsv"):
-        with path.open(encoding="utf-8", newline="") as handle:
-            reader = csv.DictReader(handle, delimiter="\t" if suffix == ".tsv" else ",")
-            if not reader.fieldnames:
-                raise CLIError(f"{path}:1: expected a header row naming the columns (e.g. text,label)")
-            # line_num after reading a row is the line the row ended on (rows may span lines).
-            for row in reader:
-                yield reader.line_num, {k: v for k, v in row.items() if k is not None}
-    else:
-        raise CLIError(f"--data {path}: unsupported file type {suffix or '(none)'!r}; expected .jsonl or .csv")
-
-
-def read_dataset(path_text: Optional[str], text_column: str, label_column: str, task: str,
-                 where: str = "--data") -> Dataset:
-    if not path_text:
-        raise CLIError("--data is required: a .jsonl or .csv file with a text column (and a label column to classify)")
-    path = Path(path_text).expanduser()
-    if not path.is_file():
-        raise CLIError(f"{located(where, path_text)}: no such file; expected a .jsonl or .csv dataset")
-    texts: list[str] = []
-    raw_labels: list[tuple[int, Any]] = []
-    columns: tuple[str, ...] = ()
-    for number, row in _rows(path):
-        columns = columns or tuple(row)
-        if text_column not in row:
-            found = ", ".join(repr(k) for k in row) or "no columns"
-            raise CLIError(f"{path}:{number}: row has no {text_column!r} column (found {found}); "
-                           f"expected a text column (set --text-column)")
-        text = row[text_column]
-        if not isinstance(text, str) or not text.strip():
-            raise CLIError(f"{path}:{number}: {text_column!r} is {text!r}; expected a non-empty string")
-        if task == "auto":
-            task = CLASSIFICATION if row.get(label_column) not in (None, "") else CAUSAL_LM
-        if task == CLASSIFICATION:
-            label = row.get(label_column)
-            if label is None or label == "":
-                raise CLIError(f"{path}:{number}: row has no {label_column!r} value; every row needs a label for "
-                               f"classification (set --label-column, or --task causal-lm)")
-            raw_labels.append((number, label))
-        texts.append(text)
-    if not texts:
-        raise CLIError(f"{path}: no rows; expected at least one record with a {text_column!r} column")
-    if task != CLASSIFICATION:
-        return Dataset(texts, None, CAUSAL_LM, columns=columns)
-    labels, id2label = _encode_labels(path, label_column, raw_labels)
-    return Dataset(texts, labels, CLASSIFICATION, id2label, columns=columns)
-
-
-def _as_int(value: Any) -> Optional[int]:
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, int):
-        return value
-    if isinstance(value, float) and value.is_integer():
-        return int(value)
-    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
-        return int(value.strip())
-    return None
-
-
-def _encode_labels(path: Path, column: str, raw: list[tuple[int, Any]]) -> tuple[list[int], dict[int, str]]:
-    """Integer labels are class ids as they stand; any other label set is mapped to ids in sorted order."""
-    ints = [_as_int(v) for _, v in raw]
-    if all(i is not None for i in ints):
-        for (number, value), i in zip(raw, ints):
-            if i < 0:
-                raise CLIError(f"{path}:{number}: {column!r} is {value!r}; expected a class id >= 0")
-        return ints, {i: str(i) for i in range(max(ints) + 1)}
-    for number, value in raw:
-        if not isinstance(value, (str, int)) or isinstance(value, bool):
-            raise CLIError(f"{path}:{number}: {column!r} is {value!r}; expected a class id or a class name")
-    names = sorted({str(v) for _, v in raw})
-    index = {name: i for i, name in enumerate(names)}
-    return [index[str(v)] for _, v in raw], dict(enumerate(names))
-
-
-# ---------------------------------------------------------------------- checkpoints
-def optimizer_tensors(optimizer, names: list[str]) -> dict[str, Any]:
-    """The optimizer's per-parameter state as named tensors (``<param>::<key>``)."""
-    import torch
-
-    tensors = {}
-    for index, per_param in optimizer.state_dict()["state"].items():
-        for key, value in per_param.items():
-            tensor = value if isinstance(value, torch.Tensor) else torch.tensor(value)
-            tensors[f"{names[index]}::{key}"] = tensor.detach().to("cpu").contiguous()
-    return tensors
-
-
-def load_optimizer_tensors(optimizer, names: list[str], tensors: dict[str, Any], device) -> None:
-    state: dict[int, dict[str, Any]] = {}
-    index_of = {name: i for i, name in enumerate(names)}
-    for key, tensor in tensors.items():
-        name, _, field = key.rpartition("::")
-        if name not in index_of:
-            raise CLIError(f"--resume: the checkpoint's optimizer state names {name!r}, which this run does not train")
-        # Adam's step counter stays on the CPU (as torch keeps it); moments go where the parameters are.
-        state.setdefault(index_of[name], {})[field] = tensor if field == "step" else tensor.to(device)
-    optimizer.load_state_dict({"state": state, "param_groups": optimizer.state_dict()["param_groups"]})
-
-
-def save_checkpoint(delta, out_dir: Path, name: str, state: dict[str, Any],
-                    optimizer_state: Optional[dict[str, Any]] = None) -> Path:
-    """Save the delta (and what resuming needs) to ``out_dir/name`` so that the directory appears
-    only when complete."""
-    from ..checkpoint import atomic_directory, save_tensors
-
-    final = out_dir / name
-    with atomic_directory(final) as tmp:
-        delta.save_finetuned(str(tmp))
-        if optimizer_state is not None:
-            save_tensors(tmp / OPTIMIZER_STATE, optimizer_state)
-        (tmp / TRAINING_STATE).write_text(json.dumps(state, indent=2, sort_keys=True) + "\n")
-    logger.info("saved %s", final)
-    return final
-
-
-def latest_checkpoint(out_dir: str | os.PathLike) -> Optional[Path]:
-    """``final`` if the run finished, else the ``checkpoint-<step>`` with the highest step."""
-    out = Path(out_dir)
-    if (out / "final" / TRAINING_STATE).is_file():
-        return out / "final"
-    steps = [(int(p.name.split("-", 1)[1]), p) for p in out.glob("checkpoint-*")
-             if p.name.split("-", 1)[1].isdigit() and (p / TRAINING_STATE).is_file()]
-    return max(steps)[1] if steps else None
-
-
-def _resume_point(out_dir: Path) -> Path:
-    latest = latest_checkpoint(out_dir)
-    if latest is None:
-        raise CLIError(f"--resume: {out_dir} holds no complete checkpoint to resume from")
-    if latest.name == "final":
-        raise CLIError(f"--resume: the run in {out_dir} already finished ({latest}); nothing to resume")
-    if not (latest / OPTIMIZER_STATE).is_file():
-        raise CLIError(f"--resume: {latest} has no {OPTIMIZER_STATE} (written by an older version); "
-                       "start a new run or load the delta with AutoDeltaModel.from_finetuned")
-    return latest
-
-
-def _restore(path: Path, delta, optimizer, scheduler, names: list[str], device) -> tuple[int, int, float]:
-    """Load the delta, optimizer and schedule saved in ``path``; returns (step, epoch, loss)."""
-    from .. import checkpoint as ckpt
-
-    try:
-        state = ckpt.read_json(path / TRAINING_STATE, "training state")
-        config, tensors = ckpt.load_checkpoint(path)
-        delta.load_delta_state_dict(tensors, expected_targets=config.get("targets"), source=str(path),
-                                    saved_name=config.get("name"))
-        optimizer_state = ckpt.read_safetensors(path / OPTIMIZER_STATE)
-    except ckpt.CheckpointError as err:
-        raise CLIError(f"--resume: {one_line(err)}")
-    load_optimizer_tensors(optimizer, names, optimizer_state, device)
-    scheduler.load_state_dict(state["scheduler"])
-    for group, lr in zip(optimizer.param_groups, scheduler.get_last_lr()):
-        group["lr"] = lr
-    return state["step"], state["epoch"], state.get("loss", float("nan"))
-
-
-def _clean_stale(out_dir: Path) -> None:
-    for stale in list(out_dir.glob(".*.tmp-*")) + list(out_dir.glob(".*.old-*")):
-        shutil.rmtree(stale, ignore_errors=True)
-
-
 # ---------------------------------------------------------------------- training
 def _optimizer_step(optimizer, scheduler) -> None:
     optimizer.step()
@@ -375,36 +182,6 @@ def _check_causal_lm_possible(config: cfg.RunConfig, directory: Path, data: Data
     raise CLIError(f"{config.get('data.path')}: {chosen}, but {type(model_config).__name__} is an encoder-only "
                    "model, which cannot train as a causal LM; for classification name the label column with "
                    "--label-column (and --task classification), or train a decoder model")
-
-
-RUN_FILES = ("train_config.yaml", "train_log.jsonl")
-
-
-def _earlier_run(out_dir: Path) -> list[Path]:
-    """What an earlier run left in ``out_dir``."""
-    if not out_dir.is_dir():
-        return []
-    found = sorted(out_dir.glob("checkpoint-*")) + [out_dir / n for n in ("final", *RUN_FILES) if (out_dir / n).exists()]
-    return found
-
-
-def _prepare_output(config: cfg.RunConfig, out_dir: Path) -> Optional[Path]:
-    """Check the output directory against --resume / --overwrite before anything is written;
-    returns the checkpoint to resume from."""
-    resume, overwrite = config.get("train.resume"), config.get("train.overwrite")
-    if resume and overwrite:
-        raise CLIError("--resume and --overwrite contradict each other: resume continues the run in the output "
-                       "directory, overwrite deletes it")
-    if out_dir.exists() and not out_dir.is_dir():
-        raise CLIError(f"{_flag_for(config, 'train.output_dir')} {out_dir}: is a file; expected a directory")
-    earlier = _earlier_run(out_dir)
-    if resume:
-        return _resume_point(out_dir)
-    if earlier and not overwrite:
-        names = ", ".join(p.name for p in earlier[:4]) + (", ..." if len(earlier) > 4 else "")
-        raise CLIError(f"{_flag_for(config, 'train.output_dir')} {out_dir}: holds an earlier run ({names}); pass "
-                       "--resume to continue it, --overwrite to replace it, or choose another output directory")
-    return None
 
 
 def _load_model(config: cfg.RunConfig, directory: Path, data: Dataset, tokenizer):
@@ -461,28 +238,6 @@ def _flag_for(config: cfg.RunConfig, key: str) -> str:
             "data.path": "--data"}.get(key, key)
 
 
-def _batches(n: int, batch_size: int, seed: int, epoch: int):
-    order = list(range(n))
-    random.Random(seed * 1000003 + epoch).shuffle(order)
-    for start in range(0, n, batch_size):
-        yield order[start:start + batch_size]
-
-
-def _encode(tokenizer, data: Dataset, index: list[int], max_length: int, device):
-    import torch
-
-    enc = tokenizer([data.texts[i] for i in index], padding=True, truncation=True, max_length=max_length,
-                    return_tensors="pt")
-    batch = {k: v.to(device) for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
-    if data.task == CLASSIFICATION:
-        batch["labels"] = torch.tensor([data.labels[i] for i in index], device=device)
-    else:
-        labels = batch["input_ids"].clone()
-        labels[batch["attention_mask"] == 0] = -100
-        batch["labels"] = labels
-    return batch
-
-
 def _check_positive(config: cfg.RunConfig, key: str, allow_zero: bool = False) -> None:
     value = config.get(key)
     if value is None:
@@ -521,7 +276,8 @@ def train(config: cfg.RunConfig) -> int:
     _check_causal_lm_possible(config, directory, data)
     device = _device(config.get("train.device"))
     out_dir = Path(config.get("train.output_dir")).expanduser()
-    resume_from = _prepare_output(config, out_dir)
+    resume_from = prepare_output(out_dir, config.get("train.resume"), config.get("train.overwrite"),
+                                 _flag_for(config, "train.output_dir"))
 
     tokenizer = load_tokenizer(directory, config.get("model.tokenizer"))
     if tokenizer.pad_token is None:
@@ -539,9 +295,9 @@ def train(config: cfg.RunConfig) -> int:
     # Everything that can be checked is checked: only now does the run write anything.
     created = not out_dir.exists()
     out_dir.mkdir(parents=True, exist_ok=True)
-    _clean_stale(out_dir)
+    clean_stale(out_dir)
     if config.get("train.overwrite"):
-        for old in _earlier_run(out_dir):
+        for old in earlier_run(out_dir):
             shutil.rmtree(old) if old.is_dir() else old.unlink()
     if resume_from is None:
         (out_dir / "train_config.yaml").write_text(cfg.dump(config))
@@ -591,7 +347,7 @@ def _train_loop(config: cfg.RunConfig, out_dir: Path, model, delta, data: Datase
     step, epoch, window, last_loss, last_saved = 0, 0, [], float("nan"), None
     skip = 0  # batches of the current epoch already trained before a resume
     if resume_from is not None:
-        step, epoch, last_loss = _restore(resume_from, delta, optimizer, scheduler, trainable_names, device)
+        step, epoch, last_loss = restore(resume_from, delta, optimizer, scheduler, trainable_names, device)
         skip = step - epoch * per_epoch
         last_saved = resume_from
         print(f"resuming from {resume_from} at step {step} (epoch {epoch})")
@@ -601,11 +357,11 @@ def _train_loop(config: cfg.RunConfig, out_dir: Path, model, delta, data: Datase
     started = time.perf_counter()
     try:
         while step < total_steps:
-            for index in _batches(len(data.texts), batch_size, seed, epoch):
+            for index in batches(len(data.texts), batch_size, seed, epoch):
                 if skip:  # the data order is a function of (seed, epoch): replay it up to the resume point
                     skip -= 1
                     continue
-                batch = _encode(tokenizer, data, index, config.get("data.max_length"), device)
+                batch = encode(tokenizer, data, index, config.get("data.max_length"), device)
                 loss = model(**batch).loss
                 loss.backward()
                 if max_grad_norm:

@@ -24,7 +24,7 @@ import os
 
 from transformers import TrainerCallback
 
-from ..delta import ORIGINAL_STATE_DICT_ATTR, DeltaBase, install_state_dict_filter
+from ..delta import DeltaBase, has_state_dict_filter, install_state_dict_filter
 from . import distributed
 from .checkpointing import checkpointing_requested, enable_input_require_grads
 
@@ -49,7 +49,7 @@ class DeltaCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         for delta in self.deltas:
             backbone = delta.backbone_model
-            if not backbone.__dict__.get(ORIGINAL_STATE_DICT_ATTR):
+            if not has_state_dict_filter(backbone):
                 logger.info("DeltaCallback: installing the delta state_dict filter on %s", type(backbone).__name__)
                 install_state_dict_filter(backbone)
             if checkpointing_requested(args):

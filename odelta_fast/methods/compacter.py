@@ -43,10 +43,8 @@ class PHMWeight(nn.Module):
             _init(self.w, w_init) if not zero else nn.init.zeros_(self.w)
 
     def forward(self) -> torch.Tensor:
-        w = torch.bmm(self.left, self.right) if self.factorized else self.w
-        # kron over the batch of n rules, summed: (n, n, n) x (n, a, b) -> (n*a, n*b)
-        n, a, b = w.shape
-        return torch.einsum("kij,kab->iajb", self.rule, w).reshape(n * a, n * b)
+        w = ops.low_rank_product(self.left, self.right) if self.factorized else self.w
+        return ops.kronecker_sum(self.rule, w)
 
 
 def _init(tensor: torch.Tensor, how: str) -> None:

@@ -33,7 +33,8 @@ class LowRankAdapterDelta(AdapterDelta):
         self.up_right = nn.Parameter(torch.zeros(self._rank, out_features, device=device, dtype=dtype))
 
     def projections(self):
-        return (self.down_left @ self.down_right).t(), (self.up_left @ self.up_right).t()
+        return (ops.low_rank_product(self.down_left, self.down_right).t(),
+                ops.low_rank_product(self.up_left, self.up_right).t())
 
 
 @dataclass

@@ -53,10 +53,9 @@ from dataclasses import dataclass
 from typing import ClassVar, Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from .. import routing
+from .. import ops, routing
 from ..configs import BaseDeltaConfig, positive_int
 from ..delta import DeltaBase, DeltaModule
 from .kv_cache import HISTORICAL_CACHE_NAMES, cache_parameter
@@ -210,8 +209,8 @@ class PrefixReparameterization(nn.Module):
 
     def forward(self, start: int = 0, end: Optional[int] = None) -> torch.Tensor:
         # The embedding table is exactly the lookup of ids 0..P-1, without building the id tensor.
-        hidden = torch.tanh(self.mid(self.embedding.weight))
-        return F.linear(hidden, self.out.weight[start:end], self.out.bias[start:end])
+        return ops.prefix_mlp(self.embedding.weight, self.mid.weight, self.mid.bias,
+                              self.out.weight[start:end], self.out.bias[start:end])
 
     def version(self) -> tuple:
         return tuple((p.data_ptr(), None if p.is_inference() else p._version) for p in self.parameters())
@@ -254,11 +253,9 @@ class PrefixDelta(DeltaModule):
         self.param_names = names
         self.cache_arg = cache_parameter(target)
         self.mask_arg = next((n for n in _MASK_ARGS if n in names), None)
-        # Plain references (object.__setattr__): as children they would make the backbone's own
-        # modules look like parts of the delta.
-        object.__setattr__(self, "core", _first_with(target, "layer_idx") or target)
-        object.__setattr__(self, "causal_source", _first_with(target, "is_causal"))
-        object.__setattr__(self, "config_source", _first_with(target, "config"))
+        self.refer("core", _first_with(target, "layer_idx") or target)
+        self.refer("causal_source", _first_with(target, "is_causal"))
+        self.refer("config_source", _first_with(target, "config"))
         # T5-style relative position bias: computed here so the prefix columns get a zero bias.
         self.position_bias = "position_bias" in names and hasattr(target, "compute_bias")
         if self.position_bias:

@@ -76,9 +76,8 @@ class SoftPromptDelta(DeltaModule):
         self.soft_token_num = soft_token_num
         self.other_expand_ids = dict(other_expand_ids)
         self.param_names = _param_names(target)
-        # A plain reference (not a child: the backbone's embedding is not part of the delta), used
-        # only where the target cannot name its embedding itself.
-        object.__setattr__(self, "fallback_embedding", embedding)
+        # Used only where the target cannot name its embedding itself.
+        self.refer("fallback_embedding", embedding)
         weight = embedding.weight
         # Created where the embedding lives, in its dtype (OpenDelta's ``Parameter(...).to(device)``
         # returned a plain tensor on GPU backbones).

@@ -13,6 +13,7 @@ from .bias import bias_add, bias_backends, linear_bias_delta
 from .lora import lora_backends, lora_linear, lora_linear_reference, lora_shrink_grouped
 from .merge import bias_merge_, lora_delta_weight, lora_merge_, merge_backends
 from .multi_lora import multi_lora_backends
+from .weights import kronecker_sum, low_rank_product, prefix_mlp
 
 # Which backends besides eager implement each op, for ``backend_for`` and ``delta.log()``.
 OP_BACKENDS = {
@@ -36,6 +37,6 @@ def backend_for(op: str, device, backend: str = "auto", dtype: Optional[torch.dt
 
 __all__ = [
     "ACTIVATIONS", "BACKENDS", "OP_BACKENDS", "adapter_backends", "adapter_bottleneck", "backend_for", "bias_add",
-    "bias_backends", "bias_merge_", "linear_bias_delta", "lora_backends", "lora_delta_weight", "lora_linear", "lora_linear_reference",
-    "lora_merge_", "lora_shrink_grouped", "merge_backends", "resolve_backend",
+    "bias_backends", "bias_merge_", "kronecker_sum", "linear_bias_delta", "lora_backends", "lora_delta_weight", "lora_linear", "lora_linear_reference",
+    "lora_merge_", "lora_shrink_grouped", "low_rank_product", "merge_backends", "prefix_mlp", "resolve_backend",
 ]

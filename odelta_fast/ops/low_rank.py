@@ -7,11 +7,11 @@ LoRA runs on the Triton kernels takes a second one too.
 """
 from __future__ import annotations
 
-import torch.nn.functional as F
 from torch import Tensor
 
 from .backend import check_backend_name
 from .checks import check_probability, check_tensor
+from .lora import dropout_keep_scale, new_dropout_seed
 
 OP = "lora_update"
 
@@ -25,5 +25,8 @@ def lora_update(
     check_tensor(OP, "lora_b", lora_b, (None, lora_a.shape[0]), like=x)
     check_probability(OP, "dropout_p", dropout_p)
     check_backend_name(backend)
-    dropped = F.dropout(x, dropout_p, training) if dropout_p > 0.0 else x
-    return (dropped @ lora_a.t()) @ (lora_b.t() * scaling)
+    if dropout_p > 0.0 and training:
+        # The same generator and resolution as lora_linear's mask, so one dropout_p means one thing.
+        seed = int(new_dropout_seed().item())
+        x = x * dropout_keep_scale(x.shape, dropout_p, seed, x.device, x.dtype)
+    return (x @ lora_a.t()) @ (lora_b.t() * scaling)
