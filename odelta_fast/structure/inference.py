@@ -137,7 +137,7 @@ _ROLE_HINTS = {
     "down": re.compile(r"(down|down_proj|wo|w2|fc2|fc_out|c_proj|lin2|dense_4h_to_h|output|fc_2|w_out|linear_2)"),
 }
 _CROSS_HINT = re.compile(r"(cross|encoder_attn|enc_dec|encdec|src_attn)", re.IGNORECASE)
-_QK_NORM_HINT = re.compile(r"^(q|k|query|key|kv|q_a|kv_a)(_|$)", re.IGNORECASE)
+_QK_NORM_HINT = re.compile(r"^(q|k|qk|query|key|kv|q_a|kv_a)(_|$)", re.IGNORECASE)
 _ATTN_NORM_HINT = re.compile(r"(input|ln_1|norm_?1|ln_attn|attn_norm|attention_norm|pre_attn|before|self_attn_layer_norm|"
                              r"sa_layer_norm)", re.IGNORECASE)
 _FF_NORM_HINT = re.compile(r"(post_attention|ln_2|norm_?2|ln_mlp|mlp_norm|ffn_norm|ff_norm|pre_feedforward|pre_mlp|after|"
@@ -516,6 +516,9 @@ def _assign_norms(tree: ModuleTree, block: str, hidden: int, names: dict[str, st
             continue
         if _QK_NORM_HINT.match(path.rsplit(".", 1)[-1]):
             continue  # per-head query/key norms
+        attn_module = owners["attn"][0]
+        if width is None and attn_module and _is_under(path, attn_module):
+            continue  # a weightless norm inside the attention: nothing says it normalises the block width
         norms.append(path)
 
     def owner_of(norm: str) -> Optional[str]:
@@ -545,8 +548,11 @@ def _assign_norms(tree: ModuleTree, block: str, hidden: int, names: dict[str, st
             assigned["crossattn"] = hinted[0]
             free.remove(hinted[0])
     needed = [r for r in ("attn", "crossattn", "ff") if r in present and r not in assigned]
-    if "attn" not in present and free and "ff" in needed:
-        needed = ["ff"]
+    if "attn" not in present and needed == ["ff"] and len(free) >= 2:
+        # A block whose token mixer is no attention (state-space, linear attention): the first
+        # norm feeds the mixer, the FF's is the one named for it, else the next one.
+        hinted = [n for n in free if _FF_NORM_HINT.search(n.rsplit(".", 1)[-1])]
+        free = hinted[:1] or free[1:2]
     if needed == ["attn", "ff"] and len(free) >= 2:
         by_name = [[n for n in free if hint.search(n.rsplit(".", 1)[-1])] for hint in (_ATTN_NORM_HINT, _FF_NORM_HINT)]
         if len(by_name[0]) == 1 and len(by_name[1]) == 1 and by_name[0] != by_name[1]:

@@ -3,6 +3,7 @@ structure (``inference.py``) of every part no table covers."""
 
 from __future__ import annotations
 
+import re
 import sys
 import warnings
 from functools import lru_cache
@@ -107,7 +108,7 @@ class StructureMap:
             where = f"'{root}'" if root else "the model itself"
             lines.append(f"{model_type} at {where}: {self.sources[root]}")
             own = [(raw, name) for raw, name in self._to_common.items() if _owned_by(raw, root, self.roots)]
-            lines.extend(_fold_blocks(own, root))
+            lines.extend(_fold_blocks(own))
         if self.output_head_paths():
             lines.append(f"output heads (never selected by all-linear): {', '.join(sorted(self._heads_roots()))}")
         return "\n".join(lines)
@@ -240,47 +241,40 @@ def _owned_by(raw: str, root: str, roots: dict[str, str]) -> bool:
     return not any(r != root and len(r) > len(root) and _is_under(r, root) and _is_under(raw, r) for r in roots)
 
 
-def _fold_blocks(items: list[tuple[str, str]], root: str) -> list[str]:
-    """Lines ``common  raw``; blocks whose layout repeats the previous block's are folded."""
-    import re as _re
+_BLOCK_NAME = re.compile(r"^((?:encoder\.|decoder\.)?block)\.(\d+)(?:\.(.*))?$")
+
+
+def _fold_blocks(items: list[tuple[str, str]]) -> list[str]:
+    """``common  raw`` lines; a run of blocks laid out like the block before it is one line."""
+    width = max((len(name) for _, name in items), default=0)
+    sections: list[tuple[str | None, list[tuple[str, str]]]] = []  # (block name or None, items)
+    for raw, name in items:
+        m = _BLOCK_NAME.match(name)
+        key = f"{m.group(1)}.{m.group(2)}" if m else None
+        if key is None or not sections or sections[-1][0] != key:
+            sections.append((key, []))
+        sections[-1][1].append((raw, name))
+
+    def layout(section) -> tuple:
+        key, entries = section
+        block_raw = next((raw for raw, name in entries if name == key), None)
+        if key is None or block_raw is None:
+            return ()
+        return tuple((name[len(key):], raw[len(block_raw):]) for raw, name in entries)
 
     lines: list[str] = []
-    width = max((len(name) for _, name in items), default=0)
-    previous_layout = None
-    folded_from = folded_to = None
-    block_of = _re.compile(r"^((?:encoder\.|decoder\.)?block)\.(\d+)(\..*)?$")
-
-    def layout_of(index: int, prefix: str) -> tuple:
-        return tuple(sorted((m.group(3) or "", raw.rsplit(".", 1)[-1]) for raw, name in items
-                            if (m := block_of.match(name)) and m.group(1) == prefix and int(m.group(2)) == index))
-
-    def flush():
-        nonlocal folded_from, folded_to
-        if folded_from is not None:
-            span = folded_from if folded_from == folded_to else f"{folded_from}..{folded_to.rsplit('.', 1)[-1]}"
-            lines.append(f"  {span}: laid out like the block before")
-        folded_from = folded_to = None
-
-    seen_blocks: set[str] = set()
-    for raw, name in items:
-        m = block_of.match(name)
-        if m and m.group(3) is None:  # a block's own entry
-            layout = (m.group(1), layout_of(int(m.group(2)), m.group(1)))
-            if previous_layout is not None and layout == previous_layout:
-                folded_from = folded_from or name
-                folded_to = name
-                seen_blocks.add(name)
-                continue
-            flush()
-            previous_layout = layout
-        elif m and f"{m.group(1)}.{m.group(2)}" in seen_blocks:
-            continue
-        else:
-            if not m:
-                flush()
-                previous_layout = None if name in ("embeddings",) else previous_layout
-        lines.append(f"  {name:<{width}}  {raw}")
-    flush()
+    i = 0
+    while i < len(sections):
+        key, entries = sections[i]
+        lines.extend(f"  {name:<{width}}  {raw}" for raw, name in entries)
+        j = i + 1
+        while j < len(sections) and layout(sections[j]) and layout(sections[j]) == layout(sections[i]):
+            j += 1
+        if j > i + 1:
+            first, last = sections[i + 1][0], sections[j - 1][0]
+            span = first if first == last else f"{first} .. {last.rsplit('.', 1)[-1]}"
+            lines.append(f"  {span}: laid out as {key}")
+        i = j
     return lines
 
 
