@@ -91,18 +91,18 @@ def projection_shape(module: nn.Module) -> Optional[tuple[int, int]]:
     return None
 
 
-_TORCH_NORMS = (nn.LayerNorm, nn.GroupNorm) + ((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ())
+_TORCH_NORMS = (nn.LayerNorm,) + ((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ())
+# Norms over the channel axis of (batch, channels, ...) maps: not a norm of a block's hidden states.
+_CHANNEL_NORMS = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.modules.instancenorm._InstanceNorm)
 
 
 def norm_width(module: nn.Module):
-    """The normalised width of a norm layer (``None`` when it has no weight to tell it), or
-    ``False`` for anything else. A norm is a leaf whose only parameters are vectors."""
-    if next(module.children(), None) is not None or isinstance(module, (nn.Embedding, nn.Linear)):
+    """The normalised width of a norm over the last axis (``None`` when it has no weight to tell
+    it), or ``False`` for anything else. Such a norm is a leaf whose only parameters are vectors."""
+    if next(module.children(), None) is not None or isinstance(module, (nn.Embedding, nn.Linear) + _CHANNEL_NORMS):
         return False
     params = list(module.parameters(recurse=False))
     if isinstance(module, _TORCH_NORMS):
-        if isinstance(module, nn.GroupNorm):
-            return module.num_channels
         shape = getattr(module, "normalized_shape", None)
         return int(shape[-1]) if shape else None
     if any(p.dim() != 1 for p in params):
@@ -131,16 +131,16 @@ _ROLE_HINTS = {
     "k": re.compile(r"(k|key|wk|to_k)(_(proj|lin|linear))?"),
     "v": re.compile(r"(v|value|wv|to_v)(_(proj|lin|linear))?"),
     "kv": re.compile(r"(kv|to_kv|wkv|kv_b_proj|kv_proj|c_attn)"),
-    "o": re.compile(r"(o|out|wo|to_out|proj|c_proj|dense|out_proj|o_proj|out_lin|output|attn_out|dense_out)"),
+    "o": re.compile(r"(o|out|wo|to_out|proj|c_proj|dense|out_proj|o_proj|o_b_proj|out_lin|output|attn_out|dense_out)"),
     "gate": re.compile(r"(.*gate.*|wi_0|w1|w_gate)"),
     "up": re.compile(r"(up|up_proj|wi|wi_1|w3|fc1|fc_in|c_fc|lin1|dense_h_to_4h|intermediate|fc_1|w_in|linear_1)"),
     "down": re.compile(r"(down|down_proj|wo|w2|fc2|fc_out|c_proj|lin2|dense_4h_to_h|output|fc_2|w_out|linear_2)"),
 }
 _CROSS_HINT = re.compile(r"(cross|encoder_attn|enc_dec|encdec|src_attn)", re.IGNORECASE)
 _QK_NORM_HINT = re.compile(r"^(q|k|qk|query|key|kv|q_a|kv_a)(_|$)", re.IGNORECASE)
-_ATTN_NORM_HINT = re.compile(r"(input|ln_1|norm_?1|ln_attn|attn_norm|attention_norm|pre_attn|before|self_attn_layer_norm|"
-                             r"sa_layer_norm)", re.IGNORECASE)
-_FF_NORM_HINT = re.compile(r"(post_attention|ln_2|norm_?2|ln_mlp|mlp_norm|ffn_norm|ff_norm|pre_feedforward|pre_mlp|after|"
+_ATTN_NORM_HINT = re.compile(r"(input|ln_1|norm_?1|ln_attn|attn|att|attention|pre_attn|before|sa_layer_norm)",
+                             re.IGNORECASE)
+_FF_NORM_HINT = re.compile(r"(post_attention|ln_2|norm_?2|ln_mlp|mlp|ffn|ff_norm|feed_?forward|pre_mlp|after|"
                            r"final_layer_norm|output_layer_norm)", re.IGNORECASE)
 _ATTN_HINT = re.compile(r"(attn|attention)", re.IGNORECASE)
 _FF_HINT = re.compile(r"(mlp|ffn|feed_?forward|ff$|intermediate|moe|experts?$)", re.IGNORECASE)
@@ -182,11 +182,13 @@ def match_attention(projs: list[Proj], hidden: int, *, cross_ok: bool = True) ->
     outs = [p for p in projs if p.n_out == hidden and not any(_hinted(p.path, r) for r in ("q", "k", "v", "qkv", "kv"))]
     outs.sort(key=lambda p: (not _hinted(p.path, "o"), -p.order))
     for o in outs:
-        rest = [p for p in projs if p is not o and p.order < o.order] or [p for p in projs if p is not o]
-        found = _inputs_for(o, rest, hidden, cross_ok)
-        if found is not None:
-            found["o"] = o
-            return found
+        # The output projection usually comes last; where a query is defined after it, look at all.
+        before = [p for p in projs if p is not o and p.order < o.order]
+        for rest in (before, [p for p in projs if p is not o]):
+            found = _inputs_for(o, rest, hidden, cross_ok) if rest else None
+            if found is not None:
+                found["o"] = o
+                return found
     return None
 
 
@@ -196,8 +198,10 @@ def _inputs_for(o: Proj, rest: list[Proj], hidden: int, cross_ok: bool) -> Optio
     def kv_width_ok(width: int) -> bool:
         return width > 0 and inner % width == 0
 
-    def separate(q: Proj, k: Proj, v: Proj) -> bool:
-        return (q.n_in == hidden and k.n_in == v.n_in and (k.n_in == hidden or cross_ok)
+    def separate(q: Proj, k: Proj, v: Proj, named: bool = False) -> bool:
+        # Unnamed, keys and values must read one input; named so, they may read two (MobileBERT).
+        same_input = k.n_in == v.n_in and (k.n_in == hidden or cross_ok)
+        return (q.n_in == hidden and (same_input or named)
                 and k.n_out == v.n_out and kv_width_ok(v.n_out) and q.n_out % k.n_out == 0)
 
     def fused(p: Proj) -> bool:
@@ -213,7 +217,7 @@ def _inputs_for(o: Proj, rest: list[Proj], hidden: int, cross_ok: bool) -> Optio
     for q in named["q"]:
         for k in named["k"]:
             for v in named["v"]:
-                if separate(q, k, v):
+                if separate(q, k, v, named=True):
                     return {"q": q, "k": k, "v": v}
     # A separately named query means a packed projection beside it holds only keys and values.
     for q in named["q"]:
@@ -229,16 +233,14 @@ def _inputs_for(o: Proj, rest: list[Proj], hidden: int, cross_ok: bool) -> Optio
             for m in range(j + 1, len(rest)):
                 if separate(q, rest[j], rest[m]):
                     return {"q": q, "k": rest[j], "v": rest[m]}
-    for p in rest:
-        if fused(p) and not _hinted(p.path, "gate") and not _hinted(p.path, "up"):
+    for p in rest:  # a projection named for one role (a query, a gate) packs no q|k|v
+        if fused(p) and not any(_hinted(p.path, r) for r in ("q", "k", "v", "kv", "gate", "up")):
             return {"qkv": p}
     # 3. multi-head latent attention: a query (q, or q_a -> q_b) and compressed keys/values
     # (kv_a -> kv_b), every one named so, feeding an output named so.
     compressed = [p for p in rest if p.path.rsplit(".", 1)[-1].lower().startswith("kv")]
-    if _hinted(o.path, "o") and compressed:
-        for q in named["q"]:
-            if q.n_out >= inner:
-                return {"q": q}
+    if _hinted(o.path, "o") and compressed and named["q"]:
+        return {"q": named["q"][-1]}  # q_b after q_a: the projection that produces the queries
     return None
 
 
@@ -249,7 +251,7 @@ def match_feed_forward(projs: list[Proj], hidden: int) -> Optional[dict[str, Pro
     for down in downs:
         width = down.n_in
         before = [p for p in projs if p is not down and p.order < down.order] or [p for p in projs if p is not down]
-        ups = [p for p in before if p.n_in == hidden and p.n_out == width]
+        ups = _closest([p for p in before if p.n_in == hidden and p.n_out == width], down)
         if len(ups) >= 2:
             gates = [p for p in ups if _hinted(p.path, "gate")]
             gate = gates[0] if gates else ups[0]
@@ -257,10 +259,20 @@ def match_feed_forward(projs: list[Proj], hidden: int) -> Optional[dict[str, Pro
             return {"gate": gate, "w1": up, "w2": down}
         if len(ups) == 1:
             return {"w1": ups[0], "w2": down}
-        packed = [p for p in before if p.n_in == hidden and p.n_out == 2 * width]
+        packed = _closest([p for p in before if p.n_in == hidden and p.n_out == 2 * width], down)
         if packed:
             return {"w1": packed[0], "w2": down, "fused": packed[0]}
     return None
+
+
+def _closest(candidates: list[Proj], anchor: Proj) -> list[Proj]:
+    """The candidates sharing the deepest module with ``anchor`` (an FF's own up projection, not
+    the one of a second FF in the same block)."""
+    if len(candidates) < 2:
+        return candidates
+    depth = {p.path: _lca(p.path, anchor.path).count(".") + bool(_lca(p.path, anchor.path)) for p in candidates}
+    best = max(depth.values())
+    return [p for p in candidates if depth[p.path] == best]
 
 
 # --------------------------------------------------------------------------- blocks
@@ -274,6 +286,16 @@ class BlockLayout:
     fused: set[str] = field(default_factory=set)
     has_attention: bool = False
     has_cross: bool = False
+
+    @property
+    def has_feed_forward(self) -> bool:
+        return any(n == "ff" or n.startswith("ff.w") for n in self.names.values())
+
+    @property
+    def attention_only(self) -> bool:
+        """The block is an attention and nothing else (XLM keeps attentions, FFs and norms in
+        parallel lists)."""
+        return self.has_attention and all(n.startswith("attn.") for n in self.names.values())
 
 
 def _relative(path: str, block: str) -> str:
@@ -326,12 +348,25 @@ def _expert_holder(tree: ModuleTree, path: str, hidden: int) -> bool:
         module = tree.modules[tree.paths[i]]
         if _is_expert_weight(module, hidden):
             return True
-        if isinstance(module, (nn.ModuleList, nn.Sequential)):
-            kids = tree.children(tree.paths[i])
-            if len(kids) >= 2 and all(len(tree.in_span(tree.projections, k)) >= 2 for k in kids) and \
-                    len({type(tree.modules[k]) for k in kids}) == 1:
-                return True
+        if isinstance(module, (nn.ModuleList, nn.Sequential)) and _expert_list(tree, path, tree.paths[i], hidden):
+            return True
     return False
+
+
+def _expert_list(tree: ModuleTree, holder: str, path: str, hidden: int) -> bool:
+    """Identical MLPs in a list are experts when a router scores them (a projection from the
+    block width with one output per expert) or the list says so by name; otherwise they are
+    layers applied one after another (MobileBERT's stacked FFNs)."""
+    kids = tree.children(path)
+    if len(kids) < 2 or len({type(tree.modules[k]) for k in kids}) != 1:
+        return False
+    if not all(len(tree.in_span(tree.projections, k)) >= 2 for k in kids):
+        return False
+    if "expert" in path.rsplit(".", 1)[-1].lower():
+        return True
+    routers = [p for p in _projections(tree, tree.in_span(tree.projections, holder))
+               if not _is_under(p.path, path) and p.n_in == hidden and p.n_out == len(kids)]
+    return bool(routers)
 
 
 def block_hidden_width(tree: ModuleTree, block: str) -> Optional[int]:
@@ -437,6 +472,15 @@ def _drop_feed_forward_lookalikes(attentions):
     return kept or attentions
 
 
+def _named_after(norms: list[str], module: Optional[str]) -> Optional[str]:
+    """The norm whose name holds the last name of ``module`` (``norm_feed_forward2`` for
+    ``feed_forward2``), else the first one."""
+    if not norms:
+        return None
+    last = module.rsplit(".", 1)[-1].lower() if module else ""
+    return next((n for n in norms if last and last in n.rsplit(".", 1)[-1].lower()), norms[0])
+
+
 def _split_self_and_cross(attentions, hidden):
     if not attentions:
         return None, None
@@ -539,9 +583,12 @@ def _assign_norms(tree: ModuleTree, block: str, hidden: int, names: dict[str, st
     for norm in norms:
         role = owner_of(norm)
         if role is None:
-            free.append(norm)
+            if _parent(norm) == block:  # nested in something else (a hyper-connection): no sub-layer's norm
+                free.append(norm)
         elif role not in assigned:
             assigned[role] = norm
+    if any(norm_width(tree.modules[n]) is not None for n in free):
+        free = [n for n in free if norm_width(tree.modules[n]) is not None]
     if "crossattn" in present and "crossattn" not in assigned:
         hinted = [n for n in free if _CROSS_HINT.search(n.rsplit(".", 1)[-1])]
         if hinted:
@@ -554,11 +601,17 @@ def _assign_norms(tree: ModuleTree, block: str, hidden: int, names: dict[str, st
         hinted = [n for n in free if _FF_NORM_HINT.search(n.rsplit(".", 1)[-1])]
         free = hinted[:1] or free[1:2]
     if needed == ["attn", "ff"] and len(free) >= 2:
-        by_name = [[n for n in free if hint.search(n.rsplit(".", 1)[-1])] for hint in (_ATTN_NORM_HINT, _FF_NORM_HINT)]
-        if len(by_name[0]) == 1 and len(by_name[1]) == 1 and by_name[0] != by_name[1]:
-            free = [by_name[0][0], by_name[1][0]]  # one named for each: names order them
+        ff_named = [n for n in free if _FF_NORM_HINT.search(n.rsplit(".", 1)[-1])]
+        attn_named = [n for n in free if n not in ff_named and _ATTN_NORM_HINT.search(n.rsplit(".", 1)[-1])]
+        if len(attn_named) == 1 and len(ff_named) == 1:
+            free = [attn_named[0], ff_named[0]]  # one named for each: names order them
         elif len(free) == 4:
             free = [free[0], free[2]]  # sandwich norms: input, post-attention, pre-FF, post-FF
+        elif attn_named or ff_named:
+            # Several named for one sub-layer (Conformer's two FFs): the one named after its module.
+            attn = _named_after(attn_named, owners["attn"][0]) or next(n for n in free if n not in ff_named[:1])
+            ff = _named_after(ff_named, owners["ff"][0]) or next(n for n in free if n != attn)
+            free = [attn, ff]
     for role, norm in zip(needed, free):
         assigned[role] = norm
     for role, norm in assigned.items():
@@ -571,13 +624,19 @@ def _assign_norms(tree: ModuleTree, block: str, hidden: int, names: dict[str, st
 @dataclass
 class Stack:
     lists: list[str]
-    blocks: list[str]
-    layouts: list[BlockLayout]
+    blocks: list[str]  # each block's module; "" for a block spread over parallel lists
+    layouts: list[BlockLayout]  # names relative to the block (absolute where the block is "")
     anchor: str  # the module holding the block list(s)
+    spans: list[list[str]] = field(default_factory=list)  # the modules making up each block
+
+    def __post_init__(self):
+        if not self.spans:
+            self.spans = [[b] for b in self.blocks]
 
     @property
     def has_cross(self) -> bool:
         return any(layout.has_cross for layout in self.layouts)
+
 
 
 @dataclass
@@ -609,11 +668,15 @@ def find_stacks(tree: ModuleTree, excluded: Iterable[str] = ()) -> list[Stack]:
         if not with_attention:
             continue
         classes = Counter(type(tree.modules[b]) for b in blocks)
-        if len(blocks) > 1 and not any(classes[type(tree.modules[b])] > 1 for b in with_attention):
+        repeated = any(classes[type(tree.modules[b])] > 1 for b in with_attention)
+        whole = sum(lay.has_attention and lay.has_feed_forward for lay in layouts)
+        if len(blocks) > 1 and not repeated and whole < 2:
             continue  # sub-layers of one block (T5's layer list), not a list of blocks
         if len(blocks) == 1 and not _is_block_like(tree, blocks[0], layouts[0]):
             continue
         qualified[path] = (blocks, layouts)
+    parallel = {path: _parallel_blocks(tree, path, *qualified[path]) for path in qualified
+                if all(lay.attention_only for lay in qualified[path][1])}
     # Lists nested in one outer list (ALBERT's groups, Swin's stages) form one stack.
     groups: dict[str, list[str]] = {}
     for path in sorted(qualified, key=tree.index.__getitem__):
@@ -621,11 +684,47 @@ def find_stacks(tree: ModuleTree, excluded: Iterable[str] = ()) -> list[Stack]:
         groups.setdefault(outer or path, []).append(path)
     stacks = []
     for key, members in groups.items():
+        anchor = _parent(key) if key else ""
+        if len(members) == 1 and parallel.get(members[0]) is not None:
+            layouts, spans = parallel[members[0]]
+            stacks.append(Stack(members, [""] * len(layouts), layouts, anchor, spans))
+            continue
         blocks = [b for m in members for b in qualified[m][0]]
         layouts = [lay for m in members for lay in qualified[m][1]]
-        anchor = _parent(key) if key else ""
         stacks.append(Stack(members, blocks, layouts, anchor))
     return stacks
+
+
+def _parallel_blocks(tree: ModuleTree, path: str, attentions: list[str], layouts: list[BlockLayout]):
+    """Blocks spread over parallel lists (XLM: ``attentions``, ``layer_norm1``, ``ffns``,
+    ``layer_norm2``): sibling lists of the same length holding feed-forwards or norms. Returns
+    absolute-path layouts and the modules of each block, or None when there are no such lists."""
+    n = len(attentions)
+    hidden = block_hidden_width(tree, attentions[0])
+    siblings = [c for c in tree.children(_parent(path)) if c != path and _is_list(tree.modules[c])
+                and len(tree.children(c)) == n]
+    ffs, norms = None, []
+    for sibling in siblings:
+        kids = tree.children(sibling)
+        if all(norm_width(tree.modules[k]) in (hidden, None) for k in kids):
+            norms.append(kids)
+        elif ffs is None and all(match_feed_forward(_projections(tree, tree.in_span(tree.projections, k)), hidden)
+                                 for k in kids):
+            ffs = kids
+    if ffs is None:
+        return None
+    out_layouts, spans = [], []
+    for i, (attn, layout) in enumerate(zip(attentions, layouts)):
+        names = {attn: "attn", **{_join(attn, rel): leaf for rel, leaf in layout.names.items()}}
+        roles = match_feed_forward(_projections(tree, tree.in_span(tree.projections, ffs[i])), hidden)
+        names[ffs[i]] = "ff"
+        names.update({roles[r].path: f"ff.{r}" for r in ("gate", "w1", "w2") if r in roles})
+        for role, kids in zip(("attn", "ff"), norms):
+            names[kids[i]] = f"{role}.layer_norm"
+        fused = set(layout.fused) | ({"ff.w1"} if "fused" in roles else set())
+        out_layouts.append(BlockLayout(names, fused, has_attention=True))
+        spans.append([attn, ffs[i]] + [kids[i] for kids in norms])
+    return out_layouts, spans
 
 
 def _is_block_like(tree: ModuleTree, block: str, layout: BlockLayout) -> bool:
@@ -723,12 +822,13 @@ def name_root(tree: ModuleTree, root: InferredRoot, vocab_size: Optional[int] = 
     block_spans = []
     for prefix, stack in root.stacks.items():
         pre = f"{prefix}." if prefix else ""
-        for i, (block, layout) in enumerate(zip(stack.blocks, stack.layouts)):
-            names.setdefault(block, f"{pre}block.{i}")
+        for i, (block, layout, span) in enumerate(zip(stack.blocks, stack.layouts, stack.spans)):
+            if block:  # a block spread over parallel lists has no module of its own
+                names.setdefault(block, f"{pre}block.{i}")
             for rel, leaf in layout.names.items():
                 names.setdefault(_join(block, rel), f"{pre}block.{i}.{leaf}")
             root.fused |= layout.fused
-            block_spans.append(block)
+            block_spans.extend(span)
     outside = [p for p in tree.paths[tree.span(root.path).start:tree.span(root.path).stop]
                if not any(_is_under(p, b) for b in block_spans)]
     if len(root.stacks) == 1:
@@ -776,10 +876,10 @@ def _embeddings(tree: ModuleTree, paths: list[str], root: str, blocks: list[str]
 def plain_heads(tree: ModuleTree, root: InferredRoot) -> tuple[set[str], Optional[str]]:
     """Output heads of a model that is not a transformers model: projections outside the
     blocks defined after the last block; the last one is ``lm_head``."""
-    blocks = [b for s in root.stacks.values() for b in s.blocks]
+    blocks = [b for s in root.stacks.values() for span in s.spans for b in span]
     if not blocks:
         return set(), None
-    after = tree.end[tree.index[blocks[-1]]]
+    after = max(tree.end[tree.index[b]] for b in blocks)
     span = tree.span(root.path)
     named = set(root.names)
     heads = [tree.paths[i] for i in tree.projections
