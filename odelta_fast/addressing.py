@@ -9,15 +9,19 @@ Rules (kept from OpenDelta, with its regex and exclude bugs fixed):
 * each spec is tried against the raw path and, where the architecture is mapped, the module's
   common-structure path (``block.3.attn.q``), so ``"attn.q"`` works on every mapped model;
 * ``exclude_modules`` uses the same matcher;
-* ``"all-linear"`` selects every Linear / Conv1D except the output head.
+* ``"all-linear"`` selects every Linear / Conv1D except the output head and except subclasses whose
+  own ``forward`` does not return the projection of their input (MoE routers returning tuples,
+  grouped projections reshaping it): those are left out with one warning naming them.
 """
 from __future__ import annotations
 
 import difflib
 import re
+import warnings
 from dataclasses import dataclass
 from typing import Iterable, Optional, Sequence
 
+import torch
 from torch import nn
 
 from .markers import DELTA_MARKER
@@ -69,6 +73,45 @@ def linear_types() -> tuple[type, ...]:
     except ImportError:  # pragma: no cover - transformers is a dependency, but keep addressing usable without it
         pass
     return tuple(types)
+
+
+PLAIN_LINEAR = "linear"  # the module computes x W^T + b (its class's forward, or an override that does the same)
+OWN_FORWARD = "own"  # an overriding forward mapping (..., in) to (..., out) some other way (a scaled head)
+NOT_A_PROJECTION = "other"  # an overriding forward returning something else (a tuple, another shape)
+
+
+def linear_forward_kind(module: nn.Module) -> str:
+    """What a Linear / Conv1D's forward computes, for deltas that would replace or wrap it.
+
+    A class that does not override the projection's forward is plain. An override is probed
+    once with a small random input through the class's own forward (no hooks, no deltas): the
+    same result as the projection is plain (Falcon's Linear), a tensor of the output width is
+    ``OWN_FORWARD``, anything else (Llama-4 / Phi-MoE routers return tuples, DeepSeek-V4's grouped
+    projection reshapes its input) is ``NOT_A_PROJECTION``."""
+    cls = type(module)
+    bases = [t for t in linear_types() if isinstance(module, t)]
+    if not bases or any(cls.forward is base.forward for base in bases):
+        return PLAIN_LINEAR
+    weight = module.weight
+    conv1d = not isinstance(module, nn.Linear)
+    n_in, n_out = (weight.shape[0], weight.shape[1]) if conv1d else (weight.shape[1], weight.shape[0])
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(2, n_in, generator=generator).to(device=weight.device, dtype=weight.dtype)
+    try:
+        with torch.no_grad():
+            out = cls.forward(module, x)
+    except Exception:
+        return NOT_A_PROJECTION
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != (2, n_out):
+        return NOT_A_PROJECTION
+    if weight.device.type == "meta":
+        return OWN_FORWARD  # shapes fit; values cannot be compared on the meta device
+    with torch.no_grad():
+        reference = x @ weight if conv1d else x @ weight.t()
+        if module.bias is not None:
+            reference = reference + module.bias
+    same = out.dtype == reference.dtype and torch.allclose(out, reference, rtol=1e-3, atol=1e-5)
+    return PLAIN_LINEAR if same else OWN_FORWARD
 
 
 @dataclass(frozen=True)
@@ -155,6 +198,7 @@ def select_modules(
 
     selected: list[tuple[str, nn.Module]] = []
     used: set[str] = set()
+    left_out: list[str] = []
     for path, module in backbone_modules(model):
         if not path:
             continue
@@ -164,8 +208,11 @@ def select_modules(
             continue
         hit = False
         if want_all_linear and isinstance(module, lin_types) and path not in heads and not _is_head_name(path, common):
-            hit = True
-            used.add(ALL_LINEAR)
+            if linear_forward_kind(module) == NOT_A_PROJECTION:
+                left_out.append(f"{path} ({type(module).__name__})")
+            else:
+                hit = True
+                used.add(ALL_LINEAR)
         spec = matcher.matching_spec(raw or "", common)
         if spec is None and common is not None:
             # BERT has no single ``ff`` module: ``ff`` stands for ``ff.w1`` and ``ff.w2`` there.
@@ -176,6 +223,13 @@ def select_modules(
         if hit:
             selected.append((path, module))
 
+    if left_out:
+        warnings.warn(
+            f"all-linear leaves out {len(left_out)} Linear subclass module(s) whose own forward does not return the "
+            f"projection of its input (a tuple, or another shape), so a delta replacing it would change what it "
+            f"computes: {', '.join(left_out[:5])}{' ...' if len(left_out) > 5 else ''}",
+            UserWarning, stacklevel=2,
+        )
     unmatched = [s for s in raw_specs if s not in used]
     if unmatched:
         raise TargetNotFoundError(no_match_message(model, unmatched, structure, module_types, common_structure))

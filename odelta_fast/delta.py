@@ -142,8 +142,9 @@ class DeltaBase:
         if modified_modules is None:
             if self.default_modified_modules and not self.structure.mapped:
                 raise ValueError(
-                    f"{type(self).__name__} has default targets only for architectures with a common-structure map, "
-                    f"and {type(backbone_model).__name__} has none; pass modified_modules=[...] with raw module names"
+                    f"{type(self).__name__} has default targets only where the model's structure is known (a table, or "
+                    f"transformer blocks found by inference), and {type(backbone_model).__name__} has neither; "
+                    "pass modified_modules=[...] with raw module names"
                 )
             modified_modules = self.default_targets()
             if common_structure is None and modified_modules:

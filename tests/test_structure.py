@@ -484,14 +484,17 @@ def test_partially_mapped_wrapper_warns_about_the_unmapped_part_only():
     assert "odelta-toy" in str(caught[0].message) and "llama" not in str(caught[0].message)
 
 
-def test_known_type_with_unrecognised_layout_falls_back_with_warning():
+def test_known_type_with_unrecognised_layout_is_inferred_instead():
     model, _ = tiny_model("llama")
+    expected = {c for _, c in structure_map(model).items()}
     # A layout this version's table does not know (as after an upstream rename).
     model.model.decoder_blocks = model.model.layers
     del model.model.layers
     smap, caught = _collect_warnings(lambda: structure_map(model))
-    _assert_unmapped(smap, model)
-    assert len(caught) == 1 and "'llama'" in str(caught[0].message)
+    assert caught == []
+    assert smap.mapped and smap.sources == {"": "inferred"} and smap.model_type == "llama"
+    assert smap.common_name("model.decoder_blocks.1.self_attn.q_proj") == "block.1.attn.q"
+    assert {c for _, c in smap.items()} == expected
 
 
 # --------------------------------------------------------------------------- misc

@@ -25,7 +25,8 @@ def add_parser(sub) -> None:
         epilog="examples:\n"
                "  odelta-fast inspect ./llama\n"
                "  odelta-fast inspect ./llama --spec attn.q attn.v --no-tree\n"
-               "  odelta-fast inspect ./bert --method lora            # what LoRA's default targets select",
+               "  odelta-fast inspect ./bert --method lora            # what LoRA's default targets select\n"
+               "  odelta-fast inspect ./olmo --structure --no-tree    # the common names in use, table or inferred",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("model_pos", nargs="?", metavar="MODEL_DIR", help="a local Hugging Face model directory")
@@ -38,6 +39,9 @@ def add_parser(sub) -> None:
                    help="count only modules this method can modify (LoRA: Linear/Conv1D); without --spec, "
                         "show the method's default targets")
     p.add_argument("--model-class", metavar="NAME", help="transformers class to build (default: config.architectures)")
+    p.add_argument("--structure", action="store_true",
+                   help="print the common-structure map in use: every common name with its module, and whether "
+                        "it comes from a table or was inferred from the model's modules")
     p.add_argument("--no-tree", action="store_true", help="skip the tree; print only the selection")
     p.set_defaults(func=run)
 
@@ -110,8 +114,11 @@ def run(args: argparse.Namespace) -> int:
         console.print(parameter_summary(model))
     mapped = getattr(structure, "mapped", False)
     model_type = getattr(model.config, "model_type", "?")
-    print(f"common-structure map: {'yes' if mapped else 'none'} (model_type {model_type!r})"
+    sources = ", ".join(f"{structure.roots[p]} ({structure.sources[p]})" for p in structure.roots)
+    print(f"common-structure map: {sources if mapped else 'none'} (model_type {model_type!r})"
           + ("" if mapped else "; specs must use raw module names"))
+    if args.structure:
+        print(structure.describe())
 
     types = _target_types(args.method) if args.method else None
     kind = "/".join(t.__name__ for t in types) if types else "module"

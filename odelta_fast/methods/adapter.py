@@ -7,6 +7,7 @@ the low-rank adapter). All of them compute through the one ``adapter_bottleneck`
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from typing import ClassVar, Optional, Sequence
 
@@ -14,6 +15,7 @@ import torch
 from torch import nn
 
 from .. import ops
+from ..addressing import REGEX_PREFIX
 from ..configs import BaseDeltaConfig, positive_int
 from ..delta import DeltaBase, DeltaModule
 from ..routing import map_hidden
@@ -112,6 +114,18 @@ class AdapterModel(DeltaBase):
 
     delta_class = AdapterDelta
     route = "sequential"
+
+    def default_targets(self):
+        # ff.w2 is the feed-forward's down projection. A mixture-of-experts block has none (its
+        # experts' weights are one tensor), so there the adapter goes after the whole ``ff``.
+        targets = self.present_common_names(self.default_modified_modules)
+        if "ff.w2" in self.default_modified_modules:
+            lacking = self.structure.names_lacking("ff.w2", instead="ff")
+            if lacking and "ff.w2" not in targets:
+                targets.append("ff")  # no block has a single down projection
+            elif lacking:
+                targets.append(REGEX_PREFIX + "|".join(re.escape(name) for name in lacking))
+        return targets
 
     def delta_kwargs(self, in_features: int, out_features: int) -> dict:
         return {"bottleneck_dim": self.bottleneck_dim, "non_linearity": self.non_linearity,

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from .. import ops
-from ..addressing import backbone_modules, is_delta_module
+from ..addressing import NOT_A_PROJECTION, PLAIN_LINEAR, backbone_modules, is_delta_module, linear_forward_kind
 from ..configs import BaseDeltaConfig
 from ..delta import DeltaBase, DeltaModule
 from ..routing import map_hidden
@@ -69,7 +69,10 @@ def _bias_targets(module: nn.Module) -> list[tuple[str, nn.Module]]:
 
 
 def _has_width(module: nn.Module) -> bool:
-    if isinstance(module, (nn.Linear, nn.LayerNorm)) or is_conv1d(module):
+    if isinstance(module, nn.Linear) or is_conv1d(module):
+        # a router returning (scores, indices) has no hidden-state output to bias
+        return linear_forward_kind(module) != NOT_A_PROJECTION
+    if isinstance(module, nn.LayerNorm):
         return True
     weight = getattr(module, "weight", None)
     return isinstance(weight, nn.Parameter) and weight.dim() == 1
@@ -117,8 +120,11 @@ class BitFitModel(DeltaBase):
     def build_delta(self, path, target):
         weight = next((p for p in target.parameters(recurse=False) if p.is_floating_point()), None)
         has_bias = isinstance(getattr(target, "bias", None), nn.Parameter)
+        linear = isinstance(target, nn.Linear) or is_conv1d(target)
+        # A Linear subclass with a forward of its own keeps running it: the bias is added to its output.
+        plain = not linear or linear_forward_kind(target) == PLAIN_LINEAR
         return BiasDelta(
-            output_features(target, self.backbone_model), mergeable=has_bias,
-            fusable=isinstance(target, nn.Linear) or is_conv1d(target), backend=self.backend,
+            output_features(target, self.backbone_model), mergeable=has_bias and plain, fusable=linear and plain,
+            backend=self.backend,
             device=weight.device if weight is not None else None, dtype=weight.dtype if weight is not None else None,
         )

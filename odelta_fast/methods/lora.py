@@ -13,15 +13,15 @@ from typing import ClassVar, Optional, Sequence
 import torch
 from torch import nn
 
-logger = logging.getLogger("odelta_fast")
-
 from .. import ops, peft_format
+from ..addressing import NOT_A_PROJECTION, OWN_FORWARD, linear_forward_kind, linear_types, pattern_value
 from ..checkpoint import CheckpointError
-from ..addressing import linear_types, pattern_value
 from ..configs import BaseDeltaConfig, positive_int
 from ..delta import DeltaBase, DeltaModule
 from ..ops.low_rank import lora_update
 from .shapes import is_conv1d, linear_features
+
+logger = logging.getLogger("odelta_fast")
 
 
 class LoraDelta(DeltaModule):
@@ -141,13 +141,25 @@ class LoraModel(DeltaBase):
 
     def build_delta(self, path, target):
         in_features, out_features = linear_features(target)
+        kind = linear_forward_kind(target)
+        if kind == NOT_A_PROJECTION:
+            raise ValueError(
+                f"LoRA cannot modify {path} ({type(target).__name__}): its own forward does not return the projection "
+                "of its input (it returns a tuple or reshapes it); leave it out of modified_modules"
+            )
         rank = pattern_value(self.rank_pattern, path, self.lora_r)
         alpha = pattern_value(self.alpha_pattern, path, self.lora_alpha)
-        return LoraDelta(
+        delta = LoraDelta(
             in_features, out_features, rank, alpha, self.lora_dropout,
             use_rslora=self.use_rslora, fan_in_fan_out=is_conv1d(target), backend=self.backend,
             device=target.weight.device, dtype=target.weight.dtype,
         )
+        if kind == OWN_FORWARD:
+            # The module's own forward runs as it is and the low-rank update is added to its output;
+            # folding B A into the weight would pass it through that forward's extra computation.
+            delta.route_kind = "parallel"
+            delta.mergeable = False
+        return delta
 
     @classmethod
     def from_peft(cls, path: str, backbone_model: nn.Module, **overrides) -> "LoraModel":

@@ -19,12 +19,13 @@ Encoder-decoder models prefix block names with ``encoder.`` / ``decoder.``
 (``block.3.attn.q``). The tables live in ``tables.py``, one per family.
 """
 
-from .mapping import HEAD_NAMES, StructureMap, UnmappedArchitectureWarning, structure_map
+from .mapping import HEAD_NAMES, StructureMap, UnmappedArchitectureWarning, describe, structure_map
 from .tables import MODEL_TYPES, Arch, Stack
 
 __all__ = [
     "StructureMap",
     "structure_map",
+    "describe",
     "UnmappedArchitectureWarning",
     "MODEL_TYPES",
     "HEAD_NAMES",

@@ -1,7 +1,9 @@
-"""Resolve the tables in ``tables.py`` against a concrete model instance."""
+"""Resolve the tables in ``tables.py`` against a concrete model instance, and infer the
+structure (``inference.py``) of every part no table covers."""
 
 from __future__ import annotations
 
+import re
 import sys
 import warnings
 from functools import lru_cache
@@ -9,7 +11,11 @@ from typing import Iterator
 
 from torch import nn
 
+from . import inference
 from .tables import MODEL_TYPES, Arch
+
+TABLE = "table"
+INFERRED = "inferred"
 
 # Top-level children of a *ForXxx model that hold the output head, in the order
 # preferred when choosing the module named ``lm_head``. Only consulted when the
@@ -23,7 +29,8 @@ HEAD_NAMES = (
 
 
 class UnmappedArchitectureWarning(UserWarning):
-    """A model (or part of one) has no structure table; raw module names apply."""
+    """A model (or part of one) has neither a structure table nor blocks the inference finds;
+    raw module names apply."""
 
 
 class StructureMap:
@@ -36,14 +43,19 @@ class StructureMap:
     """
 
     def __init__(self, to_common: dict[str, str], heads: set[str],
-                 roots: dict[str, str], fused: frozenset[str]):
+                 roots: dict[str, str], fused: frozenset[str], sources: dict[str, str] | None = None):
         self._to_common = to_common
         self._by_common: dict[str, list[str]] = {}
         for raw, name in to_common.items():
             self._by_common.setdefault(name, []).append(raw)
         self._heads = frozenset(heads)
-        #: path of each mapped HF model -> its config.model_type
+        #: path of each mapped model -> its config.model_type (the class name for a model that is
+        #: not a transformers model)
         self.roots = dict(roots)
+        #: path of each mapped model -> "table" or "inferred": where its names come from
+        self.sources = dict(sources) if sources is not None else {path: TABLE for path in roots}
+        #: True when any part of the map was inferred rather than read from a table
+        self.inferred: bool = INFERRED in self.sources.values()
         self.model_types: tuple[str, ...] = tuple(dict.fromkeys(roots.values()))
         self.model_type: str | None = self.model_types[0] if self.model_types else None
         self.mapped: bool = bool(roots)
@@ -67,43 +79,76 @@ class StructureMap:
         """Raw paths carrying exactly the common name ``common``."""
         return list(self._by_common.get(common, ()))
 
+    def names_lacking(self, leaf: str, instead: str) -> list[str]:
+        """``<block>.<instead>`` for every block that has ``instead`` but no ``leaf`` (a
+        mixture-of-experts ``ff`` has no single ``ff.w2``), in named_modules order."""
+        have = set(self._by_common)
+        out = []
+        for name in self._by_common:
+            if name.endswith("." + instead) and ".block." in f".{name}":
+                block = name[: -len(instead) - 1]
+                if block.rsplit(".", 1)[-1].isdigit() and f"{block}.{leaf}" not in have:
+                    out.append(name)
+        return out
+
     def __len__(self) -> int:
         return len(self._to_common)
 
     def __repr__(self) -> str:
-        kind = ",".join(self.model_types) if self.mapped else "unmapped"
+        kind = ",".join(f"{self.roots[p]} ({self.sources[p]})" for p in self.roots) if self.mapped else "unmapped"
         return f"StructureMap({kind}, {len(self)} names, fused_qkv={self.fused_qkv})"
 
+    def describe(self) -> str:
+        """The mapping in use, per mapped model: where it comes from (table or inferred) and
+        every common name with its module; blocks laid out like the previous one are folded."""
+        if not self.mapped:
+            return "no common-structure map: raw module names only"
+        lines = []
+        for root, model_type in self.roots.items():
+            where = f"'{root}'" if root else "the model itself"
+            lines.append(f"{model_type} at {where}: {self.sources[root]}")
+            own = [(raw, name) for raw, name in self._to_common.items() if _owned_by(raw, root, self.roots)]
+            lines.extend(_fold_blocks(own))
+        if self.output_head_paths():
+            lines.append(f"output heads (never selected by all-linear): {', '.join(sorted(self._heads_roots()))}")
+        return "\n".join(lines)
 
-def structure_map(model: nn.Module) -> StructureMap:
-    """Map every transformers model found in ``model`` (itself or nested anywhere).
+    def _heads_roots(self) -> set[str]:
+        return {h for h in self._heads if not any(h.startswith(o + ".") for o in self._heads)}
 
-    Issues one :class:`UnmappedArchitectureWarning` per call when a model (or a
-    sub-model without mapped parts) has no table.
+
+def structure_map(model: nn.Module, *, use_tables: bool = True) -> StructureMap:
+    """Map every transformer in ``model`` (itself or nested anywhere): a transformers model
+    whose ``config.model_type`` has a table is named by the table; everything else (other
+    transformers models, a plain PyTorch model) by inference from its modules and shapes.
+    ``use_tables=False`` infers everything (how the inference is tested against the tables).
+
+    Issues one :class:`UnmappedArchitectureWarning` per call when a model (or a sub-model
+    without mapped parts) gets no names.
     """
     modules = dict(model.named_modules())
     order = {path: i for i, path in enumerate(modules)}
     to_common: dict[str, str] = {}
     heads: set[str] = set()
     roots: dict[str, str] = {}
+    sources: dict[str, str] = {}
     fused: set[str] = set()
     failed: list[tuple[str, nn.Module, str]] = []  # (path, module, reason)
+    hf_models = list(_hf_models(modules))
 
-    for path, hf in _hf_models(modules):
+    for path, hf in hf_models if use_tables else ():
         if any(_is_under(path, root) for root in roots):
             continue  # the base model / stacks inside an already mapped model
         model_type = getattr(getattr(hf, "config", None), "model_type", None)
         arch = MODEL_TYPES.get(model_type) if isinstance(model_type, str) else None
         if arch is None:
-            failed.append((path, hf, f"model type {model_type!r} has no structure table"))
             continue
         found = _map_one(arch, path, hf, modules)
         if found is None:
-            failed.append((path, hf, f"model type {model_type!r}: its blocks were not found "
-                                     "(module layout unknown to this transformers version?)"))
-            continue
+            continue  # a layout this table does not know: the inference below takes it
         names, model_heads = found
         roots[path] = model_type
+        sources[path] = TABLE
         heads |= model_heads
         fused |= arch.fused
         for raw, name in names.items():
@@ -111,9 +156,126 @@ def structure_map(model: nn.Module) -> StructureMap:
             if name == "attn.qkv" or name.endswith(".attn.qkv"):
                 fused.add("attn.qkv")
 
+    _infer(model, modules, hf_models, to_common, heads, roots, sources, fused)
+
+    for path, hf in hf_models:
+        if any(_is_under(path, root) or _is_under(root, path) for root in roots):
+            continue
+        model_type = getattr(getattr(hf, "config", None), "model_type", None)
+        failed.append((path, hf, f"model type {model_type!r} has no structure table and no transformer "
+                                 "blocks (a list of repeated modules holding an attention) were found in it"))
     _warn_unmapped(model, roots, failed)
     ordered = dict(sorted(to_common.items(), key=lambda kv: order[kv[0]]))
-    return StructureMap(ordered, heads, roots, frozenset(fused))
+    ordered_roots = dict(sorted(roots.items(), key=lambda kv: order[kv[0]]))
+    return StructureMap(ordered, heads, ordered_roots, frozenset(fused),
+                        {p: sources[p] for p in ordered_roots})
+
+
+def describe(model: nn.Module) -> str:
+    """``structure_map(model).describe()``: the common names of ``model`` and where they come from."""
+    return structure_map(model).describe()
+
+
+def _infer(model, modules, hf_models, to_common, heads, roots, sources, fused) -> None:
+    tree = inference.ModuleTree(modules)
+    taken = list(roots)
+    stacks = inference.find_stacks(tree, excluded=taken)
+    if not stacks:
+        return
+    hf_paths = [p for p, _ in hf_models if not any(_is_under(p, t) for t in taken)]
+    inferred = inference.group_roots(tree, stacks, boundary=hf_paths, taken=taken)
+    named_heads: set[str] = set()
+    for root in inferred:
+        owner = _outermost_hf(root.path, hf_models, taken)
+        config = getattr(owner[1], "config", None) if owner else None
+        inference.name_root(tree, root, _vocab_size(config))
+        for raw, name in root.names.items():
+            to_common.setdefault(raw, name)
+        fused |= root.fused
+        model_type = getattr(config, "model_type", None) if owner and owner[0] == root.path else None
+        if model_type is None:
+            model_type = getattr(config, "model_type", None) if owner else None
+            model_type = f"{model_type}:{type(modules[root.path]).__name__}" if model_type else \
+                type(modules[root.path]).__name__
+        roots[root.path] = model_type
+        sources[root.path] = INFERRED
+        if owner is None:
+            root_heads, lm_head = inference.plain_heads(tree, root)
+            heads |= root_heads
+            if lm_head is not None:
+                to_common.setdefault(lm_head, "lm_head")
+        elif owner[0] not in named_heads:
+            named_heads.add(owner[0])
+            path, hf = owner
+            base_path = _base_model_path(path, hf, modules)
+            head_roots = _head_roots(path, hf, base_path, modules)
+            for head in head_roots:
+                heads.update(p for p, _ in modules[head].named_modules(prefix=head) if p in modules)
+            lm_head = _lm_head(head_roots, modules)
+            if lm_head is not None:
+                to_common.setdefault(lm_head, "lm_head")
+
+
+def _outermost_hf(path: str, hf_models, taken: list[str]):
+    """The outermost transformers model holding ``path`` (or held by it) outside table-mapped parts."""
+    for hf_path, hf in hf_models:  # named_modules order: outer models first
+        if any(_is_under(hf_path, t) for t in taken):
+            continue
+        if _is_under(path, hf_path):
+            return hf_path, hf
+    return None
+
+
+def _vocab_size(config) -> int | None:
+    if config is None:
+        return None
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    value = getattr(text, "vocab_size", None)
+    return value if isinstance(value, int) else None
+
+
+def _owned_by(raw: str, root: str, roots: dict[str, str]) -> bool:
+    """``raw`` belongs to ``root`` and to no more deeply nested mapped root."""
+    if not _is_under(raw, root):
+        return raw == "lm_head" or not any(_is_under(raw, r) for r in roots) and root == next(iter(roots))
+    return not any(r != root and len(r) > len(root) and _is_under(r, root) and _is_under(raw, r) for r in roots)
+
+
+_BLOCK_NAME = re.compile(r"^((?:encoder\.|decoder\.)?block)\.(\d+)(?:\.(.*))?$")
+
+
+def _fold_blocks(items: list[tuple[str, str]]) -> list[str]:
+    """``common  raw`` lines; a run of blocks laid out like the block before it is one line."""
+    width = max((len(name) for _, name in items), default=0)
+    sections: list[tuple[str | None, list[tuple[str, str]]]] = []  # (block name or None, items)
+    for raw, name in items:
+        m = _BLOCK_NAME.match(name)
+        key = f"{m.group(1)}.{m.group(2)}" if m else None
+        if key is None or not sections or sections[-1][0] != key:
+            sections.append((key, []))
+        sections[-1][1].append((raw, name))
+
+    def layout(section) -> tuple:
+        key, entries = section
+        block_raw = next((raw for raw, name in entries if name == key), None)
+        if key is None or block_raw is None:
+            return ()
+        return tuple((name[len(key):], raw[len(block_raw):]) for raw, name in entries)
+
+    lines: list[str] = []
+    i = 0
+    while i < len(sections):
+        key, entries = sections[i]
+        lines.extend(f"  {name:<{width}}  {raw}" for raw, name in entries)
+        j = i + 1
+        while j < len(sections) and layout(sections[j]) and layout(sections[j]) == layout(sections[i]):
+            j += 1
+        if j > i + 1:
+            first, last = sections[i + 1][0], sections[j - 1][0]
+            span = first if first == last else f"{first} .. {last.rsplit('.', 1)[-1]}"
+            lines.append(f"  {span}: laid out as {key}")
+        i = j
+    return lines
 
 
 # --------------------------------------------------------------------------- internals
