@@ -18,6 +18,7 @@ from .methods.compacter import CompacterModel
 from .methods.lora import LoraModel
 from .methods.low_rank_adapter import LowRankAdapterModel
 from .methods.parallel_adapter import ParallelAdapterModel
+from .visualize import Visualization
 
 # A library only emits records: no handler beyond NullHandler, and the root logger is left alone.
 # ODELTA_VERBOSITY sets the package level; programs (the CLI) install a handler via logging_utils.
@@ -55,5 +56,6 @@ __all__ = [
     "AdapterModel", "AutoDeltaConfig", "AutoDeltaModel", "BaseDeltaConfig", "BitFitModel", "CheckpointError",
     "CompacterModel",
     "DeltaBase", "LoraModel", "LowRankAdapterModel", "MultiDelta", "ParallelAdapterModel", "PrefixModel", "SoftPromptModel",
+    "Visualization",
     "__version__",
 ]

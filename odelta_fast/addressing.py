@@ -6,9 +6,19 @@ Rules (kept from OpenDelta, with its regex and exclude bugs fixed):
   (``"output.dense"`` matches ``encoder.layer.3.output.dense``; ``"ense"`` matches nothing);
 * ``"[r]<pattern>"`` is a regular expression that must match a whole trailing run of segments
   (``re.fullmatch`` against every suffix, so ``[r]attn`` matches ``a.attn.b.attn``);
-* each spec is tried against the raw path and, where the architecture is mapped, the module's
-  common-structure path (``block.3.attn.q``), so ``"attn.q"`` works on every mapped model;
-* ``exclude_modules`` uses the same matcher;
+* raw names first, as in OpenDelta: a spec is tried against the raw paths; where the structure
+  is known, a spec that selects no raw module is tried against the common-structure paths
+  (``block.3.attn.q``) if it is dotted or a regex (``"attn.q"`` works on every mapped model), or if
+  no spec of the list selects a raw module (``["ff"]`` on BERT: a list written in common names).
+  A bare word that is some module's raw name (``"layer_norm"`` on T5) never also means a common
+  name, so a config written for OpenDelta selects exactly what OpenDelta selects;
+  ``common_structure=True`` matches common names only, ``False`` raw names only;
+* OpenDelta's spelling of common names (``"attn@.q@"``, ``"ff@.w1@"``, ``"attn@.proj@"``) matches
+  common names only;
+* ``exclude_modules`` uses the same matcher and applies after matching: excluding what a spec
+  selects does not make the spec unmatched;
+* a list in which some specs select nothing warns once, naming them with their closest
+  candidates (OpenDelta and PEFT ignore absent names); a list that selects nothing is an error;
 * ``"all-linear"`` selects every Linear / Conv1D except the output head and except subclasses whose
   own ``forward`` does not return the projection of their input (MoE routers returning tuples,
   grouped projections reshaping it): those are left out with one warning naming them.
@@ -114,10 +124,30 @@ def linear_forward_kind(module: nn.Module) -> str:
     return PLAIN_LINEAR if same else OWN_FORWARD
 
 
+# OpenDelta's common names that are spelled differently here.
+_OPENDELTA_RENAMES = {("attn", "proj"): ("attn", "o"), ("crossattn", "proj"): ("crossattn", "o"),
+                      ("lm_head", "proj"): ("lm_head",)}
+
+
+def _from_opendelta_spelling(text: str) -> str:
+    """``"attn@.q@"`` -> ``"attn.q"``; ``"attn@.proj@"`` -> ``"attn.o"``; ``"attn@.q,k,v@"`` -> ``"attn.qkv"``."""
+    segments = [seg.rstrip("@").replace("q,k,v", "qkv") for seg in text.split(".")]
+    out: list[str] = []
+    for seg in segments:
+        renamed = _OPENDELTA_RENAMES.get((out[-1], seg)) if out else None
+        if renamed:
+            out[-1:] = list(renamed)
+        else:
+            out.append(seg)
+    return ".".join(out)
+
+
 @dataclass(frozen=True)
 class Spec:
-    text: str
+    text: str                    # as the user wrote it (what messages name)
     regex: Optional[re.Pattern]
+    target: str = ""             # what plain specs compare with (OpenDelta's @ spelling translated)
+    common_only: bool = False    # written in OpenDelta's common-name spelling
 
     @classmethod
     def parse(cls, text: str) -> "Spec":
@@ -126,16 +156,23 @@ class Spec:
         if text.startswith(REGEX_PREFIX):
             pattern = text[len(REGEX_PREFIX):]
             try:
-                return cls(text, re.compile(pattern))
+                return cls(text, re.compile(pattern), pattern)
             except re.error as err:
                 raise ValueError(f"module spec {text!r}: invalid regular expression {pattern!r}: {err}") from None
-        return cls(text, None)
+        if "@" in text:
+            return cls(text, None, _from_opendelta_spelling(text), common_only=True)
+        return cls(text, None, text)
+
+    @property
+    def bare_word(self) -> bool:
+        """A single plain segment (``"attn"``, ``"layer_norm"``): in OpenDelta always a raw name."""
+        return self.regex is None and not self.common_only and "." not in self.target
 
     def matches_path(self, path: Optional[str]) -> bool:
         if not path:
             return False
         if self.regex is None:
-            return path == self.text or path.endswith("." + self.text)
+            return path == self.target or path.endswith("." + self.target)
         segments = path.split(".")
         return any(self.regex.fullmatch(".".join(segments[i:])) for i in range(len(segments)))
 
@@ -165,6 +202,51 @@ def _common_lookup(structure, use_common: Optional[bool]):
     return structure.common_name
 
 
+class UnmatchedSpecWarning(UserWarning):
+    """Some specs of a list select nothing (the others do): they are ignored."""
+
+
+def match_specs(
+    candidates: Sequence[tuple[str, nn.Module]], specs: Sequence["Spec"], *, structure=None,
+    common_structure: Optional[bool] = None, unfreezing: bool = False,
+) -> list[list[int]]:
+    """For each spec, the indices of ``candidates`` (``(path, module)``) it selects, by the rules
+    in the module docstring: raw names first, common names where the raw reading selects nothing.
+
+    ``unfreezing`` (``unfrozen_modules``, ``freeze_module(exclude=...)``): raw names always count
+    and a bare word never means a common name, as in OpenDelta, whose shipped configs list norms
+    (``layer_norm``) that many architectures lack and then unfreeze nothing there."""
+    mapped = structure is not None and getattr(structure, "mapped", False)
+    raw_allowed = unfreezing or common_structure is not True
+    common_allowed = common_structure is not False and mapped
+    list_fallback = not unfreezing
+    raw_hits = [
+        [i for i, (path, _) in enumerate(candidates) if spec.matches_path(path)]
+        if raw_allowed and not spec.common_only else []
+        for spec in specs
+    ]
+    any_raw = any(raw_hits)
+    commons: Optional[list] = None
+    hits: list[list[int]] = []
+    for spec, raw in zip(specs, raw_hits):
+        use_common = common_allowed and (
+            spec.common_only or (common_structure is True and not (unfreezing and spec.bare_word))
+            or (not raw and (not spec.bare_word or (list_fallback and not any_raw))))
+        if not use_common:
+            hits.append(raw)
+            continue
+        if commons is None:
+            common_of = structure.common_name
+            parent_of = _virtual_parent_lookup(structure, common_structure)
+            commons = [(c, parent_of(c) if c is not None else None)
+                       for c in (common_of(path) for path, _ in candidates)]
+        # BERT has no single ``ff`` module: ``ff`` stands for ``ff.w1`` and ``ff.w2`` there.
+        found = [i for i, (common, parent) in enumerate(commons)
+                 if spec.matches_path(common) or (common is not None and spec.matches_path(parent))]
+        hits.append(sorted(set(raw) | set(found)))
+    return hits
+
+
 def select_modules(
     model: nn.Module,
     modified_modules: Sequence[str],
@@ -176,10 +258,10 @@ def select_modules(
 ) -> list[tuple[str, nn.Module]]:
     """The ``(path, module)`` pairs selected by the specs, in ``named_modules`` order.
 
-    Raises ``ValueError`` naming every spec that matched nothing, with the closest candidates.
-    ``common_structure=True`` matches common names only, ``False`` raw names only, ``None`` both.
     ``module_types`` restricts what a spec may select (LoRA needs a Linear); a spec that matches
-    only modules of other types counts as matching nothing.
+    only modules of other types counts as matching nothing. Specs that select nothing warn
+    (``UnmatchedSpecWarning``) naming their closest candidates; if the whole list selects
+    nothing, ``TargetNotFoundError`` (a ``ValueError``) is raised instead.
     """
     if common_structure and (structure is None or not structure.mapped):
         raise ValueError(
@@ -188,39 +270,30 @@ def select_modules(
         )
     raw_specs = list(modified_modules)
     want_all_linear = ALL_LINEAR in raw_specs
-    matcher = NameMatcher([s for s in raw_specs if s != ALL_LINEAR])
+    specs = [Spec.parse(s) for s in raw_specs if s != ALL_LINEAR]
     excluder = NameMatcher(exclude_modules)
     common_of = _common_lookup(structure, common_structure)
-    virtual_parent_of = _virtual_parent_lookup(structure, common_structure)
-    raw_ok = common_structure is not True
     heads = structure.output_head_paths() if structure is not None else set()
     lin_types = linear_types()
 
+    candidates = [(path, module) for path, module in backbone_modules(model) if path]
+    typed = [(path, module) for path, module in candidates if module_types is None or isinstance(module, module_types)]
+    hits = match_specs(typed, specs, structure=structure, common_structure=common_structure)
+    chosen = {id(typed[i][1]) for found in hits for i in found}
+    used = {spec.text for spec, found in zip(specs, hits) if found}
+
     selected: list[tuple[str, nn.Module]] = []
-    used: set[str] = set()
     left_out: list[str] = []
-    for path, module in backbone_modules(model):
-        if not path:
-            continue
+    for path, module in candidates:
         common = common_of(path)
-        raw = path if raw_ok else None
-        if excluder and excluder.match(path, common):
-            continue
-        hit = False
+        hit = id(module) in chosen
         if want_all_linear and isinstance(module, lin_types) and path not in heads and not _is_head_name(path, common):
             if linear_forward_kind(module) == NOT_A_PROJECTION:
                 left_out.append(f"{path} ({type(module).__name__})")
             else:
                 hit = True
                 used.add(ALL_LINEAR)
-        spec = matcher.matching_spec(raw or "", common)
-        if spec is None and common is not None:
-            # BERT has no single ``ff`` module: ``ff`` stands for ``ff.w1`` and ``ff.w2`` there.
-            spec = matcher.matching_spec("", virtual_parent_of(common))
-        if spec is not None and (module_types is None or isinstance(module, module_types)):
-            hit = True
-            used.add(spec.text)
-        if hit:
+        if hit and not (excluder and excluder.match(path, common)):
             selected.append((path, module))
 
     if left_out:
@@ -231,8 +304,16 @@ def select_modules(
             UserWarning, stacklevel=2,
         )
     unmatched = [s for s in raw_specs if s not in used]
+    message = no_match_message(model, unmatched, structure, module_types, common_structure) if unmatched else ""
+    if unmatched and len(unmatched) == len(raw_specs):
+        raise TargetNotFoundError(message)
     if unmatched:
-        raise TargetNotFoundError(no_match_message(model, unmatched, structure, module_types, common_structure))
+        warnings.warn(f"ignoring {len(unmatched)} of {len(raw_specs)} module specs, which select nothing "
+                      f"(the others do):\n{message}", UnmatchedSpecWarning, stacklevel=3)
+    if not selected:
+        raise TargetNotFoundError(
+            f"the module specs {raw_specs} select only modules that exclude_modules={list(exclude_modules or [])} "
+            "excludes; nothing is left to modify")
     return selected
 
 

@@ -57,17 +57,17 @@ def config_class(delta_type: str) -> type[BaseDeltaConfig]:
 
 class AutoDeltaConfig:
     @staticmethod
-    def from_dict(config: dict[str, Any]) -> BaseDeltaConfig:
-        """The typed config (``LoraConfig``, ...) a dict with a ``delta_type`` describes. Unknown
-        keys are an error that lists the accepted ones."""
+    def from_dict(config: dict[str, Any], **overrides: Any) -> BaseDeltaConfig:
+        """The typed config (``LoraConfig``, ...) a dict with a ``delta_type`` describes. Keys the
+        method does not take are dropped with a warning (OpenDelta's behaviour)."""
         config = dict(config)
         if "delta_type" not in config:
             raise ValueError(f"a delta config needs a 'delta_type' key (one of {sorted(DELTA_MODEL_MAPPING)})")
-        return config_class(config["delta_type"]).from_dict(config)
+        return config_class(config["delta_type"]).from_dict(config, **overrides)
 
     @staticmethod
-    def from_finetuned(path: str) -> BaseDeltaConfig:
-        return AutoDeltaConfig.from_dict(checkpoint.read_config(path))
+    def from_finetuned(finetuned_delta_path: str, **overrides: Any) -> BaseDeltaConfig:
+        return AutoDeltaConfig.from_dict(checkpoint.read_config(finetuned_delta_path), **overrides)
 
 
 class AutoDeltaModel:

@@ -9,7 +9,9 @@ built, so a bad value is refused before any model is touched.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import typing
+import warnings
 from dataclasses import dataclass
 from typing import Any, ClassVar, Mapping, Optional
 
@@ -19,6 +21,13 @@ INFORMATIONAL_KEYS = frozenset({
     "format_version",
 })
 BACKENDS = ("auto", "eager", "triton", "cuda")
+# OpenDelta's backend names: "hf" (its default: Hugging Face / plain PyTorch models) is what every
+# backend here runs on; BMTrain's "bmt" is not supported.
+OPENDELTA_BACKENDS = {"hf": "auto"}
+
+
+class UnusedConfigKeyWarning(UserWarning):
+    """A config dict carried keys the method does not take; they were dropped (as OpenDelta does)."""
 
 
 @dataclass
@@ -46,8 +55,10 @@ class BaseDeltaConfig:
                 setattr(self, key, [value])
             elif value is not None:
                 setattr(self, key, list(value))
+        self.backend = OPENDELTA_BACKENDS.get(self.backend, self.backend)
         if self.backend not in BACKENDS:
-            raise ValueError(f"backend={self.backend!r} is not one of {', '.join(map(repr, BACKENDS))}")
+            raise ValueError(f"backend={self.backend!r} is not one of {', '.join(map(repr, BACKENDS))}"
+                             + (" (OpenDelta's BMTrain backend is not supported)" if self.backend == "bmt" else ""))
         if self.name is not None and not (isinstance(self.name, str) and self.name.isidentifier()):
             raise ValueError(f"delta name {self.name!r} must be a Python identifier (it becomes a module attribute)")
         self.validate()
@@ -83,22 +94,40 @@ class BaseDeltaConfig:
     @classmethod
     def from_arguments(cls, arguments: Mapping[str, Any]) -> "BaseDeltaConfig":
         """The config of a constructor call: ``arguments`` is the constructor's ``locals()``
-        (its parameters; ``self`` and the backbone are not fields and are left out)."""
+        (its parameters; ``self`` and the backbone are not fields and are left out).
+        OpenDelta's ``interactive_modify`` (a browser-based module picker) is accepted as False."""
+        if arguments.get("interactive_modify"):
+            raise ValueError("interactive_modify=True (OpenDelta's browser-based module picker) is not supported; "
+                             "list the modules in modified_modules (`odelta-fast inspect MODEL_DIR` shows the names "
+                             "and what a spec selects)")
         return cls(**{n: arguments[n] for n in cls.field_names() if n in arguments})
 
     @classmethod
-    def from_dict(cls, values: Mapping[str, Any]) -> "BaseDeltaConfig":
-        """A config from a dict (a checkpoint's ``config.json``, a user's dict). Bookkeeping keys
-        of checkpoints are ignored; any other unknown key is an error listing the accepted ones."""
-        values = dict(values)
+    def from_dict(cls, values: Mapping[str, Any], **overrides: Any) -> "BaseDeltaConfig":
+        """A config from a dict (a checkpoint's ``config.json``, OpenDelta's ``asdict(delta_args)``),
+        with ``overrides`` replacing some of its values. As in OpenDelta, keys the method does not
+        take are dropped with one warning (``UnusedConfigKeyWarning``, naming the closest accepted
+        key for likely typos); values are checked strictly."""
+        values = {**dict(values), **overrides}
         saved_type = values.get("delta_type", cls.delta_type)
         if cls.delta_type and saved_type != cls.delta_type:
             raise ValueError(f"a {saved_type!r} config is not a {cls.__name__} ({cls.delta_type!r})")
         unknown = sorted(set(values) - set(cls.field_names()) - INFORMATIONAL_KEYS)
         if unknown:
-            raise ValueError(f"{cls.__name__} ({cls.delta_type}) does not take {unknown}; accepted keys: "
-                             f"{sorted(cls.field_names())}")
+            hints = []
+            for key in unknown:
+                close = difflib.get_close_matches(key, cls.field_names(), n=1, cutoff=0.75)
+                hints.append(f"{key!r} (did you mean {close[0]!r}?)" if close else repr(key))
+            warnings.warn(f"{cls.__name__} ({cls.delta_type}) does not take {', '.join(hints)}; ignored. "
+                          f"Accepted keys: {', '.join(sorted(cls.field_names()))}", UnusedConfigKeyWarning, stacklevel=3)
         return cls(**{k: v for k, v in values.items() if k in cls.field_names()})
+
+    @classmethod
+    def from_finetuned(cls, finetuned_delta_path, **overrides: Any) -> "BaseDeltaConfig":
+        """The config of a delta checkpoint directory (``save_finetuned`` output)."""
+        from .checkpoint import read_config
+
+        return cls.from_dict(read_config(finetuned_delta_path), **overrides)
 
     def to_dict(self) -> dict[str, Any]:
         return {"delta_type": self.delta_type, **{n: getattr(self, n) for n in self.field_names()}}

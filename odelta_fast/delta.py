@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import warnings
 from dataclasses import dataclass
 from typing import Any, ClassVar, Iterator, Optional, Sequence
 
@@ -20,7 +21,7 @@ from . import checkpoint, merging, routing
 from .configs import BaseDeltaConfig
 from .visualize import log_tree
 from .version import __version__
-from .addressing import NameMatcher, select_modules
+from .addressing import Spec, backbone_modules, is_delta_module, match_specs, select_modules
 from .markers import DELTA_MARKER, DELTA_PARAM_ATTR, REGISTRY_ATTR
 from .structure import structure_map
 
@@ -194,14 +195,14 @@ class DeltaBase:
         raise NotImplementedError
 
     def _unique_name(self, requested: Optional[str]) -> str:
-        registry = self.backbone_model.__dict__.setdefault(REGISTRY_ATTR, {})
+        self.backbone_model.__dict__.setdefault(REGISTRY_ATTR, {})
         if requested is not None:
-            if requested in registry:
+            if _name_taken(self.backbone_model, requested):
                 raise ValueError(f"this backbone already carries a delta named {requested!r}; pass another name=")
             return requested
         base = self.delta_type
         candidate, i = base, 1
-        while candidate in registry:
+        while _name_taken(self.backbone_model, candidate):
             candidate, i = f"{base}_{i}", i + 1
         return candidate
 
@@ -315,16 +316,20 @@ class DeltaBase:
         return sum(p.numel() for p in module.parameters())
 
     def _unfrozen_backbone_parameters(self, specs: Sequence[str]) -> dict[str, nn.Parameter]:
-        matcher = NameMatcher([s for s in specs if s != DELTAS_TOKEN])
-        if not matcher:
+        """Backbone parameters of the modules ``specs`` name (``"deltas"`` aside): raw names, as in
+        OpenDelta, plus common names where the spelling asks for them (``addressing.match_specs``)."""
+        parsed = [Spec.parse(s) for s in specs if s != DELTAS_TOKEN]
+        if not parsed:
             return {}
-        common_of = self.structure.common_name if self.structure.mapped else (lambda p: None)
+        modules = [(path, module) for path, module in backbone_modules(self.backbone_model) if path]
+        hits = match_specs(modules, parsed, structure=self.structure, common_structure=self.common_structure,
+                           unfreezing=True)
         found: dict[str, nn.Parameter] = {}
-        for path, module in self.backbone_model.named_modules():
-            if path and matcher.match(path, common_of(path)):
-                for name, param in module.named_parameters(prefix=path):
-                    if not hasattr(param, DELTA_PARAM_ATTR):
-                        found[name] = param
+        for i in sorted({i for found_ in hits for i in found_}):
+            path, module = modules[i]
+            for name, param in module.named_parameters(prefix=path):
+                if not hasattr(param, DELTA_PARAM_ATTR):
+                    found[name] = param
         return found
 
     def freeze_module(
@@ -394,18 +399,30 @@ class DeltaBase:
         _refuse_sharded(tensors)
         return tensors
 
-    def save_finetuned(self, finetuned_delta_path: str = "./delta_checkpoints/", **kwargs) -> str:
+    def save_finetuned(
+        self, finetuned_delta_path: str = "./delta_checkpoints/", save_config: bool = True, state_dict=None,
+        save_function=None, push_to_dc: bool = False, center_args=None, center_args_pool=None, list_tags=None,
+        dict_tags=None, delay_push: bool = False, test_result=None, usage: str = "", *, format: str = "odelta",
+    ) -> str:
         """Write the config and the delta's tensors (never the backbone) atomically.
-        ``format="peft"`` writes PEFT's ``adapter_config.json`` + ``adapter_model.safetensors`` (LoRA only)."""
-        fmt = kwargs.pop("format", "odelta")
-        if kwargs:
-            raise TypeError(f"save_finetuned() got unexpected arguments {sorted(kwargs)}")
+        ``format="peft"`` writes PEFT's ``adapter_config.json`` + ``adapter_model.safetensors`` (LoRA only).
+
+        OpenDelta's other arguments are accepted so its code runs unchanged; those that mean
+        nothing here (DeltaCenter pushes and their tags, ``save_function``: checkpoints are
+        safetensors, ``save_config=False``: the config is part of the checkpoint) warn when set."""
+        ignored = [f"{name}={value!r}" for name, value, default in (
+            ("save_config", save_config, True), ("state_dict", state_dict, None), ("save_function", save_function, None),
+            ("push_to_dc", push_to_dc, False), ("delay_push", delay_push, False)) if value != default]
+        if ignored:
+            warnings.warn(f"save_finetuned: ignoring OpenDelta option(s) {', '.join(ignored)}: the checkpoint is "
+                          "config.json + safetensors of the delta's own tensors, written locally (DeltaCenter "
+                          "no longer exists)", UserWarning, stacklevel=2)
         if self.is_merged:
             raise RuntimeError(f"delta {self.name!r} is merged into the base weights; unmerge() before saving it")
-        if fmt == "odelta":
+        if format == "odelta":
             checkpoint.save_checkpoint(finetuned_delta_path, self.config_dict(), self.delta_state_dict())
             return str(finetuned_delta_path)
-        return self.save_in_format(fmt, str(finetuned_delta_path))
+        return self.save_in_format(format, str(finetuned_delta_path))
 
     def save_in_format(self, fmt: str, path: str) -> str:
         """Save in another library's format; methods that have one override this."""
@@ -422,19 +439,35 @@ class DeltaBase:
         return cls(backbone_model, **{**config.to_kwargs(), **overrides})
 
     @classmethod
-    def from_finetuned(cls, finetuned_delta_path: str, backbone_model: nn.Module, **overrides) -> "DeltaBase":
+    def from_finetuned(cls, finetuned_delta_path: str, backbone_model: nn.Module, *model_args,
+                       delta_config=None, state_dict=None, cache_dir=None, force_download: bool = False,
+                       check_hash: bool = True, local_files_only: bool = False, **overrides) -> "DeltaBase":
         """Rebuild the delta on ``backbone_model`` and load its tensors. Any mismatch (other
-        targets, shapes, names) raises and leaves the backbone exactly as it was."""
+        targets, shapes, names) raises and leaves the backbone exactly as it was.
+
+        OpenDelta's arguments are accepted: ``delta_config`` / ``state_dict`` replace the
+        checkpoint's own; the hub-related ones (``cache_dir``, ``force_download``,
+        ``local_files_only``, ``check_hash``) have nothing to do here (checkpoints are local
+        directories, and a backbone that does not fit is refused by name and shape)."""
+        if model_args:
+            raise TypeError(f"from_finetuned() takes no extra positional arguments, got {len(model_args)}")
+        if cache_dir is not None or force_download:
+            warnings.warn("from_finetuned: cache_dir / force_download are for OpenDelta's DeltaCenter downloads; "
+                          "checkpoints load from local directories only", UserWarning, stacklevel=2)
         config, tensors = checkpoint.load_checkpoint(finetuned_delta_path)
+        if delta_config is not None:
+            config = {**config, **(delta_config.to_dict() if hasattr(delta_config, "to_dict") else dict(delta_config))}
+        if state_dict is not None:
+            tensors = dict(state_dict)
         if cls.delta_type and config.get("delta_type") != cls.delta_type:
             raise checkpoint.CheckpointError(
                 f"{finetuned_delta_path!r} holds a {config.get('delta_type')!r} delta, not {cls.delta_type!r}; "
                 "use AutoDeltaModel.from_finetuned to load any type"
             )
-        registry = backbone_model.__dict__.get(REGISTRY_ATTR, {})
-        if "name" not in overrides and config.get("name") in registry:
-            # The saved name is taken on this backbone (a second checkpoint of the same type):
-            # load under a fresh name rather than refuse.
+        if "name" not in overrides and _name_taken(backbone_model, config.get("name")):
+            # The saved name is taken on this backbone (a second checkpoint of the same type, or the
+            # same one loaded again through a new wrapper of the same modules): load under a fresh
+            # name rather than refuse.
             overrides = dict(overrides, name=None)
         try:
             delta = cls.from_config(config, backbone_model, **overrides)
@@ -545,13 +578,27 @@ class DeltaBase:
         return self.backbone_model
 
     # ------------------------------------------------------------------ inspection
-    def log(self, module: Optional[nn.Module] = None, console=None, **kwargs) -> None:
-        """Print the backbone as a rich tree and the trainable-parameters line."""
-        log_tree(self.backbone_model if module is None else module, console=console, **kwargs)
+    def log(self, module: Optional[nn.Module] = None, delta_ratio: bool = True, trainable_ratio: bool = True,
+            visualization: bool = True, cuda_memory: bool = True, console=None) -> None:
+        """Print the backbone as a rich tree (repeated blocks folded, parameter-less leaves hidden,
+        identical siblings merged) and the trainable / delta parameter lines (OpenDelta's options)."""
+        log_tree(self.backbone_model if module is None else module, console=console, visualization=visualization,
+                 trainable_ratio=trainable_ratio, delta_ratio=delta_ratio, cuda_memory=cuda_memory)
 
     def __repr__(self) -> str:
         state = "merged" if self.is_merged else ("attached" if self.attached else "detached")
         return f"{type(self).__name__}(name={self.name!r}, targets={len(self.slots)}, {state})"
+
+
+def _name_taken(backbone: nn.Module, name: Optional[str]) -> bool:
+    """Whether a delta named ``name`` is on ``backbone``: in its registry, or as a child of one
+    of its modules (deltas attached through another wrapper of the same modules)."""
+    if name is None:
+        return False
+    if name in backbone.__dict__.get(REGISTRY_ATTR, {}):
+        return True
+    return any(is_delta_module(child) for module in backbone.modules()
+               for child_name, child in module.named_children() if child_name == name)
 
 
 def backbone_model_type(model: nn.Module) -> Optional[str]:

@@ -39,23 +39,36 @@ def _signature(module: nn.Module) -> tuple:
     )
 
 
+def _tag(text: str) -> str:
+    # No whitespace inside a tag: at the terminal's edge the whole tag moves to the next line
+    # instead of being cut between its words (rich wraps at any whitespace, non-breaking too).
+    return " " + "".join(text.split())
+
+
 def _label(name: str, module: nn.Module, with_backend: bool) -> Text:
     text = Text()
     text.append(name, style=STYLE_FOLD if "-" in name and name.replace("-", "").isdigit() else STYLE_NAME)
     text.append(f" ({type(module).__name__})", style=STYLE_TYPE)
     for pname, param in module.named_parameters(recurse=False):
-        text.append(f" {pname}:[{','.join(map(str, param.shape))}]", style=_param_style(param))
+        text.append(_tag(f"{pname}:[{','.join(map(str, param.shape))}]"), style=_param_style(param))
     if with_backend and routing.is_routed(module):
         routed = {id(d) for d in routing.routes(module)}
         for child_name, delta in module.named_children():
             if id(delta) in routed:
                 state = "merged" if getattr(delta, "merged", False) else delta.backend_for(module)
-                text.append(f" [{child_name}: {state}]", style=STYLE_DELTA)
+                text.append(_tag(f"[{child_name}: {state}]"), style=STYLE_DELTA)
     return text
 
 
-def _fold_children(module: nn.Module) -> list[tuple[str, nn.Module]]:
-    """Children with runs of identical numbered siblings folded into ``first-last``."""
+def _has_parameters(module: nn.Module) -> bool:
+    return next(module.parameters(), None) is not None
+
+
+def _fold_children(module: nn.Module, keep_non_params: bool = True) -> list[tuple[str, nn.Module]]:
+    """Children as they are drawn: parameter-less ones left out unless ``keep_non_params``
+    (Dropout, activations: OpenDelta's Visualization hides them too), runs of identical numbered
+    siblings folded into ``first-last``, identical named siblings merged into ``a,b``."""
+    children = [(n, c) for n, c in module.named_children() if keep_non_params or _has_parameters(c)]
     out: list[tuple[str, nn.Module]] = []
     run: list[tuple[str, nn.Module]] = []
 
@@ -66,7 +79,7 @@ def _fold_children(module: nn.Module) -> list[tuple[str, nn.Module]]:
         out.append((label, run[0][1]))
         run.clear()
 
-    for name, child in module.named_children():
+    for name, child in children:
         if name.isdigit() and run and _signature(child) == _signature(run[-1][1]) and int(name) == int(run[-1][0]) + 1:
             run.append((name, child))
             continue
@@ -76,14 +89,23 @@ def _fold_children(module: nn.Module) -> list[tuple[str, nn.Module]]:
         else:
             out.append((name, child))
     flush()
-    return out
+    merged: list[tuple[list[str], nn.Module]] = []
+    for name, child in out:
+        same = next((entry for entry in merged if not name[0].isdigit() and not entry[0][0][0].isdigit()
+                     and _signature(entry[1]) == _signature(child)), None)
+        if same is not None:
+            same[0].append(name)
+        else:
+            merged.append(([name], child))
+    return [(",".join(names), child) for names, child in merged]
 
 
-def build_tree(module: nn.Module, root_name: str = "root", with_backend: bool = True) -> Tree:
+def build_tree(module: nn.Module, root_name: str = "root", with_backend: bool = True,
+               keep_non_params: bool = False) -> Tree:
     tree = Tree(_label(root_name, module, with_backend))
 
     def grow(node: Tree, mod: nn.Module):
-        for name, child in _fold_children(mod):
+        for name, child in _fold_children(mod, keep_non_params):
             grow(node.add(_label(name, child, with_backend)), child)
 
     grow(tree, module)
@@ -97,7 +119,27 @@ def parameter_summary(module: nn.Module) -> str:
     return f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {pct:.4f}"
 
 
-def log_tree(module: nn.Module, console: Optional[Console] = None, visualization: bool = True, **_) -> str:
+def delta_summary(module: nn.Module) -> str:
+    delta = sum(p.numel() for p in module.parameters() if _is_delta(p))
+    total = sum(p.numel() for p in module.parameters())
+    pct = 100.0 * delta / total if total else 0.0
+    return f"delta params: {delta:,d} || all params: {total:,d} || delta%: {pct:.4f}"
+
+
+def cuda_memory_summary() -> Optional[str]:
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    devices = range(torch.cuda.device_count())
+    static = sum(torch.cuda.memory_allocated(d) for d in devices) / 1024**3
+    peak = sum(torch.cuda.max_memory_allocated(d) for d in devices) / 1024**3
+    return f"CUDA memory: {static:.2f} GB allocated, {peak:.2f} GB peak"
+
+
+def log_tree(module: nn.Module, console: Optional[Console] = None, *, visualization: bool = True,
+             trainable_ratio: bool = True, delta_ratio: bool = True, cuda_memory: bool = True) -> str:
+    """Print the tree (with a legend) and the parameter lines; returns the trainable line."""
     console = console or Console()
     if visualization:
         console.print(build_tree(module))
@@ -107,5 +149,26 @@ def log_tree(module: nn.Module, console: Optional[Console] = None, visualization
             + Text("delta ", style=STYLE_DELTA) + Text("folded-range", style=STYLE_FOLD)
         )
     summary = parameter_summary(module)
-    console.print(summary)
+    if trainable_ratio:
+        console.print(summary)
+    if delta_ratio:
+        console.print(delta_summary(module))
+    memory = cuda_memory_summary() if cuda_memory else None
+    if memory:
+        console.print(memory)
     return summary
+
+
+class Visualization:
+    """OpenDelta's (bigmodelvis') ``Visualization(model).structure_graph()``: the folded module tree."""
+
+    def __init__(self, plm: nn.Module):
+        self.plm = plm
+
+    def structure_graph(self, rootname: str = "root", expand_params: bool = False, keep_non_params: bool = False,
+                        common_structure: bool = False, mapping=None, only_common: bool = False,
+                        printTree: bool = True, console: Optional[Console] = None) -> Tree:  # noqa: N803 - OpenDelta's name
+        tree = build_tree(self.plm, root_name=rootname, keep_non_params=keep_non_params)
+        if printTree:
+            (console or Console()).print(tree)
+        return tree

@@ -110,8 +110,10 @@ def test_no_match_error_names_the_spec_and_suggests_the_right_module():
 def test_failed_selection_leaves_the_backbone_untouched():
     model, inputs = tiny_model("bert")
     keys = set(model.state_dict())
-    with pytest.raises(ValueError):
-        LoraModel(model, modified_modules=["attn.q", "no_such_module"])
+    with pytest.raises(ValueError, match="'no_such_module' matches no"):
+        LoraModel(model, modified_modules=["no_such_module", "nor_this"])
+    with pytest.raises(ValueError, match="backend"):
+        LoraModel(model, modified_modules=["attn.q"], backend="nope")
     assert set(model.state_dict()) == keys
     assert all("_odelta_routes" not in m.__dict__ for m in model.modules())
 

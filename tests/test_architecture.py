@@ -20,10 +20,10 @@ FLOORS: list[tuple[str, tuple[str, ...]]] = [
     ("kernels", ("kernels",)),
     ("ops", ("ops",)),
     ("names and files", ("structure", "addressing", "checkpoint", "peft_format")),
-    ("wiring", ("routing", "merging", "visualize")),
+    ("wiring", ("routing", "merging", "visualize", "utils")),
     ("lifecycle", ("configs", "delta")),
     ("methods", ("methods",)),
-    ("assembly", ("auto", "multi", "integrations")),
+    ("assembly", ("auto", "multi", "integrations", "delta_models")),
     ("entry points", ("commands", "cli", "demo", "__init__")),
 ]
 

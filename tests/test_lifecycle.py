@@ -162,8 +162,12 @@ def test_auto_config_round_trip_and_unknown_keys():
     model, _ = tiny_model("llama")
     delta = AutoDeltaModel.from_config(config, model)
     assert isinstance(delta, LoraModel) and delta.lora_r == 4 and len(delta.slots) == 2
-    with pytest.raises(ValueError, match="does not take \\['lora_rank'\\]"):
-        AutoDeltaConfig.from_dict({"delta_type": "lora", "lora_rank": 4})
+    # As in OpenDelta, keys a method does not take are dropped, with a warning that catches typos.
+    with pytest.warns(UserWarning, match="does not take 'lora_rank' \\(did you mean 'lora_r'\\?\\); ignored"):
+        dropped = AutoDeltaConfig.from_dict({"delta_type": "lora", "lora_rank": 4})
+    assert dropped.lora_r == 8
+    with pytest.raises(ValueError, match="lora_r must be a positive integer"):  # values stay strict
+        AutoDeltaConfig.from_dict({"delta_type": "lora", "lora_r": 0})
     with pytest.raises(ValueError, match="unknown delta_type 'loraa'"):
         AutoDeltaConfig.from_dict({"delta_type": "loraa"})
 

@@ -65,7 +65,11 @@ class AdapterDelta(DeltaModule):
         return map_hidden(output, lambda h: self._bottleneck(h, residual=h))
 
     def parallel(self, target, args, kwargs):
-        h = args[0] if args else next(v for v in kwargs.values() if isinstance(v, torch.Tensor))
+        source = self.__dict__.get("source")  # the input tap of a span (parallel adapters)
+        if source is not None:
+            h = source.take(type(target).__name__)
+        else:
+            h = args[0] if args else next(v for v in kwargs.values() if isinstance(v, torch.Tensor))
         return self._bottleneck(h, residual=None)
 
     def implemented_backends(self):
@@ -106,6 +110,7 @@ class AdapterModel(DeltaBase):
         unfrozen_modules: Optional[Sequence[str]] = None,
         common_structure: Optional[bool] = None,
         backend: str = "auto",
+        interactive_modify: bool = False,
         scaling: float = 1.0,
         layer_norm: bool = False,
         name: Optional[str] = None,
@@ -139,3 +144,6 @@ class AdapterModel(DeltaBase):
                                  backend=self.backend, device=device, dtype=dtype)
         delta.route_kind = self.route
         return delta
+
+
+__all__ = ["AdapterConfig", "AdapterDelta", "AdapterModel"]

@@ -100,6 +100,7 @@ class BitFitModel(DeltaBase):
         unfrozen_modules: Optional[Sequence[str]] = None,
         common_structure: Optional[bool] = None,
         backend: str = "auto",
+        interactive_modify: bool = False,
         name: Optional[str] = None,
     ):
         DeltaBase.__init__(self, backbone_model, BitFitConfig.from_arguments(locals()))
@@ -128,3 +129,6 @@ class BitFitModel(DeltaBase):
             backend=self.backend,
             device=weight.device if weight is not None else None, dtype=weight.dtype if weight is not None else None,
         )
+
+
+__all__ = ["BiasDelta", "BitFitConfig", "BitFitModel"]

@@ -119,6 +119,7 @@ class CompacterModel(AdapterModel):
         unfrozen_modules: Optional[Sequence[str]] = None,
         common_structure: Optional[bool] = None,
         backend: str = "auto",
+        interactive_modify: bool = False,
         reduction_factor: int = 16,
         non_linearity: str = "gelu_new",
         phm_c_init: str = "normal",
@@ -145,3 +146,6 @@ class CompacterModel(AdapterModel):
                    init_range=self.phm_init_range)
         return {"bottleneck_dim": bottleneck, "non_linearity": self.non_linearity, "phm": phm,
                 "use_bias_down_sampler": self.use_bias_down_sampler, "use_bias_up_sampler": self.use_bias_up_sampler}
+
+
+__all__ = ["CompacterConfig", "CompacterDelta", "CompacterModel", "PHMWeight"]

@@ -126,6 +126,7 @@ class LoraModel(DeltaBase):
         unfrozen_modules: Optional[Sequence[str]] = None,
         common_structure: Optional[bool] = None,
         backend: str = "auto",
+        interactive_modify: bool = False,
         use_rslora: bool = False,
         rank_pattern: Optional[dict[str, int]] = None,
         alpha_pattern: Optional[dict[str, float]] = None,
@@ -187,3 +188,6 @@ class LoraModel(DeltaBase):
         if fmt == "peft":
             return peft_format.save_peft(self, path)
         return super().save_in_format(fmt, path)
+
+
+__all__ = ["LoraConfig", "LoraDelta", "LoraModel"]

@@ -71,6 +71,7 @@ class LowRankAdapterModel(AdapterModel):
         unfrozen_modules: Optional[Sequence[str]] = None,
         common_structure: Optional[bool] = None,
         backend: str = "auto",
+        interactive_modify: bool = False,
         name: Optional[str] = None,
     ):
         DeltaBase.__init__(self, backbone_model, LowRankAdapterConfig.from_arguments(locals()))
@@ -78,3 +79,6 @@ class LowRankAdapterModel(AdapterModel):
     def delta_kwargs(self, in_features, out_features):
         return {"bottleneck_dim": max(in_features // self.reduction_factor, 1), "non_linearity": self.non_linearity,
                 "rank": self.low_rank_rank, "w_init": self.low_rank_w_init}
+
+
+__all__ = ["LowRankAdapterConfig", "LowRankAdapterDelta", "LowRankAdapterModel"]

@@ -462,6 +462,7 @@ class PrefixModel(DeltaBase):
         unfrozen_modules: Optional[Sequence[str]] = None,
         common_structure: Optional[bool] = None,
         backend: str = "auto",
+        interactive_modify: bool = False,
         name: Optional[str] = None,
     ):
         self._state = _PrefixState()  # shared by the layers' deltas, built while targets are selected
@@ -581,3 +582,6 @@ class PrefixModel(DeltaBase):
     def attach(self):
         self._state.clear()
         return super().attach()
+
+
+__all__ = ["PrefixConfig", "PrefixDelta", "PrefixModel", "PrefixReparameterization", "PrefixStackDelta"]

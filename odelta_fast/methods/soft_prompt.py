@@ -242,6 +242,7 @@ class SoftPromptModel(DeltaBase):
         unfrozen_modules: Optional[Sequence[str]] = None,
         common_structure: Optional[bool] = None,
         backend: str = "auto",
+        interactive_modify: bool = False,
         name: Optional[str] = None,
     ):
         DeltaBase.__init__(self, backbone_model, SoftPromptConfig.from_arguments(locals()))
@@ -319,3 +320,6 @@ class SoftPromptModel(DeltaBase):
             base = f"{slot.path}.{slot.child_name}" if slot.path else slot.child_name
             for name, param in slot.delta.named_parameters():
                 yield f"{base}.{name}", param
+
+
+__all__ = ["EncoderMaskDelta", "SoftPromptConfig", "SoftPromptDelta", "SoftPromptModel"]

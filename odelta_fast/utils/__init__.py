@@ -1,0 +1,1 @@
+"""OpenDelta's ``opendelta.utils`` helpers that user code imports (``utils.inspect``)."""
