@@ -292,10 +292,29 @@ class DeltaBase:
                     param.copy_(original)
 
     def _claimed_parameter_values(self) -> dict[str, torch.Tensor]:
-        """The delta's own values of the backbone parameters it claimed, attached or not."""
+        """The delta's own values of the backbone parameters it trains (``unfrozen_modules``),
+        attached or not."""
         found = {name: p.detach() for name, p in self._unfrozen_backbone_parameters(self.unfrozen_modules).items()}
-        found.update(self.__dict__.get("_claimed_values", {}))
+        waiting = self.__dict__.get("_claimed_values", {})
+        found.update({name: value for name, value in waiting.items() if name in found})
         return found
+
+    def load_backbone_tensors(self, tensors: dict[str, torch.Tensor], source: str = "state dict") -> None:
+        """Copy ``tensors`` into backbone parameters of the same names, which this delta then owns
+        like the modules it trains (``detach()`` restores their original values). For checkpoints
+        that carry base weights of their targets (PEFT's ``save_embedding_layers``)."""
+        if not tensors:
+            return
+        params = dict(self.backbone_model.named_parameters())
+        problems = [f"{name}: no such parameter" for name in tensors if name not in params]
+        problems += [f"{name}: checkpoint shape {tuple(t.shape)} != parameter shape {tuple(params[name].shape)}"
+                     for name, t in tensors.items() if name in params and t.shape != params[name].shape]
+        if problems:
+            raise checkpoint.CheckpointError(f"cannot load the base weights in {source}:\n  " + "\n  ".join(problems))
+        self._claim({name: params[name] for name in tensors})
+        with torch.no_grad():
+            for name, tensor in tensors.items():
+                params[name].copy_(tensor.to(device=params[name].device, dtype=params[name].dtype))
 
     # ------------------------------------------------------------------ parameters
     def named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:

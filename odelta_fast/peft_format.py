@@ -16,7 +16,7 @@ import logging
 import os
 import re
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +32,10 @@ PEFT_CONFIG_NAME = "adapter_config.json"
 PEFT_WEIGHTS_NAME = "adapter_model.safetensors"
 PEFT_PICKLE_NAME = "adapter_model.bin"
 PREFIX = "base_model.model."
-LORA_KEY = re.compile(r"^(?P<path>.+)\.lora_(?P<which>[AB])\.weight$")
+# Linear / Conv1D / convolutions: lora_A.weight, lora_B.weight; embeddings: lora_embedding_A / _B
+# (no .weight); DoRA: lora_magnitude_vector (".weight" in some PEFT releases).
+LORA_KEY = re.compile(r"^(?P<path>.+)\.lora_(?:(?P<which>[AB])\.weight|embedding_(?P<embedding>[AB])"
+                      r"|(?P<magnitude>magnitude_vector)(?:\.weight)?)$")
 
 # Config keys PEFT writes for LoRA; anything else is from a newer PEFT and is ignored with a warning.
 KNOWN_LORA_KEYS = {
@@ -46,7 +49,7 @@ KNOWN_LORA_KEYS = {
     "velora_config",
 }
 # Features that change the math: loading them as plain LoRA would give wrong outputs.
-UNSUPPORTED_WHEN_SET = {"use_dora": "DoRA", "lora_bias": "LoRA bias terms", "use_qalora": "QALoRA",
+UNSUPPORTED_WHEN_SET = {"lora_bias": "LoRA bias terms", "use_qalora": "QALoRA",
                         "layer_replication": "layer replication", "target_parameters": "parameter targeting"}
 
 _TASK_TYPES = (("ForCausalLM", "CAUSAL_LM"), ("ForSequenceClassification", "SEQ_CLS"),
@@ -84,6 +87,18 @@ def _task_type(model: nn.Module):
     return next((task for suffix, task in _TASK_TYPES if name.endswith(suffix)), None)
 
 
+def peft_keys(lora_delta) -> dict[str, torch.Tensor]:
+    """A LoRA delta module's tensors under PEFT's key suffixes (each delta class names its own:
+    ``peft_factor_names``)."""
+    name_a, name_b = lora_delta.peft_factor_names
+    keys = {name_a: lora_delta.lora_A, name_b: lora_delta.lora_B}
+    magnitude = getattr(lora_delta, "lora_magnitude_vector", None)
+    if magnitude is not None:
+        # PEFT keeps a convolution's magnitude as (1, out, 1[, 1]); ours is a vector everywhere.
+        keys["lora_magnitude_vector"] = magnitude.view(getattr(lora_delta, "peft_magnitude_shape", (-1,)))
+    return keys
+
+
 def save_peft(delta, path: str | os.PathLike) -> str:
     """Write a LoRA delta (a ``LoraModel``) in PEFT's layout: weights first, then the config that
     makes the directory a checkpoint."""
@@ -92,8 +107,8 @@ def save_peft(delta, path: str | os.PathLike) -> str:
     tensors: dict[str, torch.Tensor] = {}
     rank_pattern, alpha_pattern = {}, {}
     for slot in delta.slots:
-        tensors[f"{PREFIX}{slot.path}.lora_A.weight"] = slot.delta.lora_A
-        tensors[f"{PREFIX}{slot.path}.lora_B.weight"] = slot.delta.lora_B
+        for key, tensor in peft_keys(slot.delta).items():
+            tensors[f"{PREFIX}{slot.path}.{key}"] = tensor
         # Anchored full paths: PEFT matches patterns against the end of the module name.
         if slot.delta.r != delta.lora_r:
             rank_pattern[re.escape(slot.path)] = slot.delta.r
@@ -121,14 +136,14 @@ def save_peft(delta, path: str | os.PathLike) -> str:
         "lora_alpha": delta.lora_alpha,
         "lora_dropout": delta.lora_dropout,
         "target_modules": sorted(slot.path for slot in delta.slots),
-        "fan_in_fan_out": any(slot.delta.fan_in_fan_out for slot in delta.slots),
+        "fan_in_fan_out": any(getattr(slot.delta, "fan_in_fan_out", False) for slot in delta.slots),
         "bias": "none",
         "use_rslora": delta.use_rslora,
         "modules_to_save": modules_to_save or None,
         "init_lora_weights": True,
         "rank_pattern": rank_pattern,
         "alpha_pattern": alpha_pattern,
-        "use_dora": False,
+        "use_dora": bool(delta.use_dora),
     }
     cpu = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
     save_tensors(directory / PEFT_WEIGHTS_NAME, cpu, metadata={"format": "pt"})
@@ -165,9 +180,12 @@ class PeftAdapter:
     """A PEFT LoRA adapter read from disk, in the terms of ``LoraModel``."""
 
     lora_kwargs: dict[str, Any]             # LoraModel keyword arguments that rebuild it
-    factors: dict[str, dict[str, torch.Tensor]]  # module path -> {"A": (r, in), "B": (out, r)}
+    factors: dict[str, dict[str, torch.Tensor]]  # module path -> {"A", "B"[, "magnitude"]}
     module_tensors: dict[str, torch.Tensor]      # modules_to_save, by parameter name in the backbone
     source: str                                  # the weights file, for messages
+    # Base weights of targeted modules (PEFT's save_embedding_layers copy of an embedding it
+    # adapted), by parameter name: loaded into the backbone, but not modules to train or save.
+    base_tensors: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 def read_peft_adapter(path: str | os.PathLike) -> PeftAdapter:
@@ -183,17 +201,27 @@ def read_peft_adapter(path: str | os.PathLike) -> PeftAdapter:
     tensors = {(k[len(PREFIX):] if k.startswith(PREFIX) else k): v for k, v in raw.items()}
     factors: dict[str, dict[str, torch.Tensor]] = {}
     extra: dict[str, torch.Tensor] = {}
+    base: dict[str, torch.Tensor] = {}
     for key, tensor in tensors.items():
         match = LORA_KEY.match(key)
         if match:
-            factors.setdefault(match["path"], {})[match["which"]] = tensor
+            which = match["which"] or match["embedding"] or "magnitude"
+            factors.setdefault(match["path"], {})[which] = tensor.reshape(-1) if which == "magnitude" else tensor
+        elif ".base_layer." in key:
+            # PEFT saves a targeted embedding's own weight under its wrapper's name (save_embedding_layers).
+            base[key.replace(".base_layer.", ".")] = tensor
         else:
             extra[key] = tensor
     if not factors:
         raise CheckpointError(f"{weights}: no lora_A / lora_B tensors found")
-    incomplete = sorted(p for p, f in factors.items() if set(f) != {"A", "B"})
+    incomplete = sorted(p for p, f in factors.items() if not {"A", "B"} <= set(f))
     if incomplete:
         raise CheckpointError(f"{weights}: modules with only one of lora_A / lora_B: {incomplete[:10]}")
+    dora = bool(config.get("use_dora"))
+    undecided = sorted(p for p, f in factors.items() if ("magnitude" in f) != dora)
+    if undecided:
+        raise CheckpointError(f"{weights}: use_dora={dora} in {PEFT_CONFIG_NAME}, but modules "
+                              f"{'lack' if dora else 'carry'} a lora_magnitude_vector: {undecided[:10]}")
 
     rank_default = int(config.get("r", 8))
     alpha_default = config.get("lora_alpha", 8)
@@ -206,5 +234,5 @@ def read_peft_adapter(path: str | os.PathLike) -> PeftAdapter:
     kwargs = dict(lora_r=rank_default, lora_alpha=alpha_default, lora_dropout=config.get("lora_dropout", 0.0),
                   modified_modules=sorted(factors), common_structure=False, exclude_modules=[],
                   unfrozen_modules=unfrozen, use_rslora=bool(config.get("use_rslora", False)),
-                  rank_pattern=rank_pattern, alpha_pattern=alpha_pattern)
-    return PeftAdapter(kwargs, factors, extra, str(weights))
+                  rank_pattern=rank_pattern, alpha_pattern=alpha_pattern, use_dora=dora)
+    return PeftAdapter(kwargs, factors, extra, str(weights), base)

@@ -97,10 +97,10 @@ def test_unsupported_peft_types_and_features_raise_clearly(tmp_path):
     model, _ = tiny_model("llama")
     with pytest.raises(CheckpointError, match="PREFIX_TUNING"):
         AutoDeltaModel.from_finetuned(str(tmp_path / "prefix"), model)
-    (tmp_path / "dora").mkdir()
-    (tmp_path / "dora" / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "use_dora": True}))
-    with pytest.raises(CheckpointError, match="DoRA"):
-        LoraModel.from_peft(str(tmp_path / "dora"), model)
+    (tmp_path / "bias").mkdir()  # DoRA loads now (tests/test_lora_variants.py); LoRA bias terms do not
+    (tmp_path / "bias" / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "lora_bias": True}))
+    with pytest.raises(CheckpointError, match="LoRA bias terms"):
+        LoraModel.from_peft(str(tmp_path / "bias"), model)
     assert routed_modules(model) == []
 
 

@@ -66,11 +66,9 @@ def build_meta_model(directory: Path, class_name: Optional[str] = None):
 
 
 def _target_types(name: str):
-    from ..addressing import linear_types
-
     cls = method_class(name)
     if cls.delta_type == "lora":  # LoraModel sets its types per instance; the class attribute is None
-        return linear_types()
+        return cls.supported_types()
     return cls.target_types
 
 

@@ -13,8 +13,8 @@ from typing import ClassVar, Optional, Sequence
 import torch
 from torch import nn
 
-from .. import ops, peft_format
-from ..addressing import NOT_A_PROJECTION, OWN_FORWARD, linear_forward_kind, linear_types, pattern_value
+from .. import ops, peft_format, routing
+from ..addressing import NOT_A_PROJECTION, OWN_FORWARD, linear_forward_kind, linear_types, pattern_value, select_modules
 from ..checkpoint import CheckpointError
 from ..configs import BaseDeltaConfig, positive_int
 from ..delta import DeltaBase, DeltaModule
@@ -24,9 +24,17 @@ from .shapes import is_conv1d, linear_features
 logger = logging.getLogger("odelta_fast")
 
 
+def _scaling(r: int, alpha: float, use_rslora: bool) -> float:
+    return alpha / (math.sqrt(r) if use_rslora else r)
+
+
 class LoraDelta(DeltaModule):
+    """LoRA on a Linear or GPT-2 Conv1D: replaces the target's computation with one op
+    (``lora_linear``, or ``dora_linear`` with a magnitude vector)."""
+
     route_kind = "replace"
     mergeable = True
+    peft_factor_names = ("lora_A.weight", "lora_B.weight")  # PEFT's key suffixes for A and B
 
     def __init__(
         self, in_features: int, out_features: int, r: int, alpha: float, dropout: float, *,
@@ -35,17 +43,39 @@ class LoraDelta(DeltaModule):
     ):
         super().__init__(backend)
         self.r, self.alpha, self.dropout, self.fan_in_fan_out = r, alpha, dropout, fan_in_fan_out
-        self.scaling = alpha / (math.sqrt(r) if use_rslora else r)
+        self.scaling = _scaling(r, alpha, use_rslora)
         self.lora_A = nn.Parameter(torch.empty(r, in_features, device=device, dtype=dtype))
         self.lora_B = nn.Parameter(torch.zeros(out_features, r, device=device, dtype=dtype))
         # Kaiming-uniform A and zero B: a fresh delta is an exact no-op (as in the LoRA paper and PEFT).
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        self.lora_magnitude_vector: Optional[nn.Parameter] = None
+        self.refer("_weight_sq_norm", None)
+
+    @property
+    def use_dora(self) -> bool:
+        return self.lora_magnitude_vector is not None
+
+    def init_dora(self, target: nn.Module) -> None:
+        """DoRA's magnitude, initialised to the row norms of ``W + s B A`` (``||W||`` for a fresh
+        delta), so attaching it changes nothing."""
+        norm = ops.dora_row_norm(self._weight(target), self.lora_A, self.lora_B, self.scaling)
+        self.lora_magnitude_vector = nn.Parameter(norm.to(self.lora_A.dtype))
 
     def implemented_backends(self):
         return ops.lora.lora_backends()
 
     def _weight(self, target: nn.Module) -> torch.Tensor:
         return target.weight.t() if self.fan_in_fan_out else target.weight
+
+    def _squared_row_norms(self, weight: torch.Tensor) -> torch.Tensor:
+        # ||W_n||^2 of the frozen weight, recomputed only when the weight changes (merge, load).
+        key = (weight.data_ptr(), weight._version if not weight.is_inference() else None, weight.dtype)
+        cached = self._weight_sq_norm
+        if cached is None or cached[0] != key:
+            with torch.no_grad():
+                cached = (key, weight.float().pow(2).sum(dim=1))
+            self.refer("_weight_sq_norm", cached)
+        return cached[1]
 
     @staticmethod
     def _input(args, kwargs) -> torch.Tensor:
@@ -67,29 +97,169 @@ class LoraDelta(DeltaModule):
         if extra_bias is not None:
             extra_bias = extra_bias.to(x.dtype)
             bias = extra_bias if bias is None else bias + extra_bias
+        weight = self._weight(target)
+        if self.use_dora:
+            return ops.dora_linear(
+                x, weight, bias, lora_a, lora_b, self.lora_magnitude_vector, self.scaling, self.dropout,
+                training=self.training, backend=self.backend, weight_sq_norm=self._squared_row_norms(weight))
         return ops.lora_linear(
-            x, self._weight(target), bias, lora_a, lora_b, self.scaling, self.dropout,
+            x, weight, bias, lora_a, lora_b, self.scaling, self.dropout,
             training=self.training, backend=self.backend,
         )
 
     def parallel(self, target, args, kwargs):
+        if self.use_dora:
+            raise RuntimeError(f"a DoRA delta rescales its module's whole output, so it cannot be added beside "
+                               f"another delta that computes {type(target).__name__}'s output")
         x = self._input(args, kwargs)
         lora_a, lora_b = self._factors(x.dtype)
         return lora_update(x, lora_a, lora_b, self.scaling, self.dropout, training=self.training, backend=self.backend)
 
     def fold_(self, target: nn.Module, param: torch.Tensor) -> None:
+        if self.use_dora:
+            ops.dora_merge_(param, self.lora_A, self.lora_B, self.lora_magnitude_vector, self.scaling,
+                            fan_in_fan_out=self.fan_in_fan_out)
+            return
         ops.lora_merge_(param, self.lora_A, self.lora_B, self.scaling,
                         fan_in_fan_out=self.fan_in_fan_out, backend=self.backend)
 
     def extra_repr(self) -> str:
-        return f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:g}, dropout={self.dropout}"
+        dora = ", dora" if self.use_dora else ""
+        return f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:g}, dropout={self.dropout}{dora}"
+
+
+class _RescaledLoraDelta(DeltaModule):
+    """Shared by LoRA on embeddings and convolutions: the low-rank update is added to what the
+    module's own forward computes (its padding, scaling, padding mode stay as they are); with
+    DoRA the sum is then rescaled per output feature."""
+
+    mergeable = True
+    feature_dim = -1  # where the output features are in the module's output
+    peft_factor_names = ("lora_A.weight", "lora_B.weight")
+
+    def __init__(self, r: int, alpha: float, dropout: float, *, use_rslora: bool, backend: str):
+        super().__init__(backend)
+        self.r, self.alpha, self.dropout = r, alpha, dropout
+        self.scaling = _scaling(r, alpha, use_rslora)
+        self.lora_magnitude_vector: Optional[nn.Parameter] = None
+
+    @property
+    def route_kind(self) -> str:  # type: ignore[override]
+        # Plain LoRA only adds; DoRA rescales the module's output too, so it runs after it.
+        return "sequential" if self.lora_magnitude_vector is not None else "parallel"
+
+    def rows(self, param: torch.Tensor) -> torch.Tensor:
+        """``param`` (the target's weight) as ``(out_features, fan_in)`` rows (a view)."""
+        raise NotImplementedError
+
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``A (r, fan_in)``, ``B (out_features, r)`` as matrices (views)."""
+        raise NotImplementedError
+
+    def update(self, target: nn.Module, args, kwargs) -> torch.Tensor:
+        raise NotImplementedError
+
+    def init_dora(self, target: nn.Module) -> None:
+        a, b = self.factors()
+        norm = ops.dora_row_norm(self.rows(target.weight), a, b, self.scaling)
+        self.lora_magnitude_vector = nn.Parameter(norm.to(a.dtype))
+
+    def _broadcast(self, vector: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        shape = [1] * like.dim()
+        shape[self.feature_dim] = -1
+        return vector.to(like.dtype).view(shape)
+
+    def parallel(self, target, args, kwargs):
+        return self.update(target, args, kwargs)
+
+    def post(self, target, args, kwargs, output):
+        bias = getattr(target, "bias", None)
+        a, b = self.factors()
+        norm = ops.dora_row_norm(self.rows(target.weight), a, b, self.scaling)
+        scale = self.lora_magnitude_vector / norm.to(self.lora_magnitude_vector.dtype)
+        base = output if bias is None else output - self._broadcast(bias, output)
+        result = (base + self.update(target, args, kwargs)) * self._broadcast(scale, output)
+        return result if bias is None else result + self._broadcast(bias, output)
+
+    def fold_(self, target: nn.Module, param: torch.Tensor) -> None:
+        a, b = self.factors()
+        if self.lora_magnitude_vector is not None:
+            ops.dora_merge_(self.rows(param), a, b, self.lora_magnitude_vector, self.scaling)
+        else:
+            ops.lora_merge_(self.rows(param), a, b, self.scaling, backend="eager")
+
+    def extra_repr(self) -> str:
+        dora = ", dora" if self.lora_magnitude_vector is not None else ""
+        return f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:g}{dora}"
+
+
+class LoraEmbeddingDelta(_RescaledLoraDelta):
+    """LoRA on an ``nn.Embedding``: ``W[ids] + s A^T[ids] B^T``, a gather of ``A``'s columns (PEFT's
+    ``lora_embedding_A (r, num_embeddings)`` / ``lora_embedding_B (dim, r)``; ``A`` starts at zero)."""
+
+    peft_factor_names = ("lora_embedding_A", "lora_embedding_B")
+
+    def __init__(self, num_embeddings: int, dim: int, r: int, alpha: float, dropout: float, *, use_rslora: bool,
+                 backend: str, device=None, dtype=None):
+        super().__init__(r, alpha, dropout, use_rslora=use_rslora, backend=backend)
+        self.lora_A = nn.Parameter(torch.zeros(r, num_embeddings, device=device, dtype=dtype))
+        self.lora_B = nn.Parameter(torch.empty(dim, r, device=device, dtype=dtype))
+        nn.init.normal_(self.lora_B)
+
+    def rows(self, param):
+        return param.t()  # (num_embeddings, dim) -> rows per embedding feature
+
+    def factors(self):
+        return self.lora_A, self.lora_B
+
+    def update(self, target, args, kwargs):
+        ids = args[0] if args else next(iter(kwargs.values()))
+        out = ops.lora_embedding_update(ids, self.lora_A, self.lora_B, self.scaling, padding_idx=target.padding_idx,
+                                        backend=self.backend)
+        # Scaled embeddings (Gemma's) multiply their lookup in forward; the update gets the same factor.
+        scale = getattr(target, "embed_scale", None)
+        if scale is None:
+            return out
+        return out * (scale.to(out.dtype) if torch.is_tensor(scale) else scale)
+
+
+class LoraConvDelta(_RescaledLoraDelta):
+    """LoRA on ``nn.Conv1d`` / ``nn.Conv2d`` (PEFT's layout): ``A`` a convolution with the target's
+    kernel into ``r`` channels, ``B`` a 1x1 convolution back."""
+
+    feature_dim = 1
+
+    def __init__(self, target: nn.Module, r: int, alpha: float, dropout: float, *, use_rslora: bool, backend: str):
+        super().__init__(r, alpha, dropout, use_rslora=use_rslora, backend=backend)
+        weight = target.weight
+        ones = (1,) * (weight.dim() - 2)
+        self.lora_A = nn.Parameter(torch.empty(r, *weight.shape[1:], device=weight.device, dtype=weight.dtype))
+        self.lora_B = nn.Parameter(torch.zeros(weight.shape[0], r, *ones, device=weight.device, dtype=weight.dtype))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+
+    @property
+    def peft_magnitude_shape(self) -> tuple[int, ...]:
+        return (1, -1, *([1] * (self.lora_A.dim() - 2)))
+
+    def rows(self, param):
+        return param.view(param.shape[0], -1)
+
+    def factors(self):
+        return self.lora_A.view(self.r, -1), self.lora_B.view(self.lora_B.shape[0], self.r)
+
+    def update(self, target, args, kwargs):
+        x = args[0] if args else next(iter(kwargs.values()))
+        return ops.lora_conv_update(x, self.lora_A.to(x.dtype), self.lora_B.to(x.dtype), self.scaling, self.dropout,
+                                    stride=target.stride, padding=target.padding, dilation=target.dilation,
+                                    training=self.training, backend=self.backend)
 
 
 @dataclass
 class LoraConfig(BaseDeltaConfig):
     """LoRA: rank ``lora_r``, scaling ``lora_alpha / lora_r`` (rsLoRA: ``/ sqrt(lora_r)``),
     dropout on the input of the low-rank path. ``rank_pattern`` / ``alpha_pattern`` override
-    the rank / alpha of modules whose path ends with a match of the regex (PEFT's semantics)."""
+    the rank / alpha of modules whose path ends with a match of the regex (PEFT's semantics).
+    ``use_dora``: DoRA, a learned magnitude per output feature over the normalised ``W + s B A``."""
 
     delta_type: ClassVar[str] = "lora"
 
@@ -99,6 +269,7 @@ class LoraConfig(BaseDeltaConfig):
     use_rslora: bool = False
     rank_pattern: dict[str, int] = field(default_factory=dict)
     alpha_pattern: dict[str, float] = field(default_factory=dict)
+    use_dora: bool = False
 
     def validate(self):
         positive_int(self, "lora_r")
@@ -108,8 +279,10 @@ class LoraConfig(BaseDeltaConfig):
 
 
 class LoraModel(DeltaBase):
-    """LoRA on Linear / Conv1D modules. Defaults to the query and value projections
-    (``attn.q``, ``attn.v``), or the fused ``attn.qkv`` where the architecture fuses them."""
+    """LoRA on Linear / GPT-2 Conv1D, ``nn.Embedding`` and ``nn.Conv1d`` / ``nn.Conv2d`` modules
+    (``use_dora`` for DoRA on any of them). Defaults to the query and value projections
+    (``attn.q``, ``attn.v``), or the fused ``attn.qkv`` where the architecture fuses them;
+    ``"embeddings"`` names the token embedding of any mapped model."""
 
     delta_type = "lora"
     config_class = LoraConfig
@@ -130,17 +303,77 @@ class LoraModel(DeltaBase):
         use_rslora: bool = False,
         rank_pattern: Optional[dict[str, int]] = None,
         alpha_pattern: Optional[dict[str, float]] = None,
+        use_dora: bool = False,
         name: Optional[str] = None,
     ):
-        self.target_types = linear_types()
+        self.target_types = self.supported_types()
         DeltaBase.__init__(self, backbone_model, LoraConfig.from_arguments(locals()))
+
+    @staticmethod
+    def supported_types() -> tuple[type, ...]:
+        """Module types LoRA attaches to (resolved on use: GPT-2's Conv1D comes from transformers)."""
+        return (*linear_types(), nn.Embedding, nn.Conv1d, nn.Conv2d)
 
     def default_targets(self):
         # q and v where they are separate, the fused projection where they are not; a wrapper
         # holding both kinds of backbone gets each its own.
         return self.present_common_names([*self.default_modified_modules, "attn.qkv"])
 
+    def select_targets(self):
+        # A common name for a container of the token embedding (BERT's ``embeddings`` module holds
+        # word, position and type embeddings and a norm) means the token embedding inside it.
+        specs = list(self.modified_modules)
+        if self.structure.mapped and any(s == "embeddings" or s.endswith(".embeddings") for s in specs):
+            for path, common in self.structure.items():
+                if common.rsplit(".", 1)[-1] != "embeddings":
+                    continue
+                module = self.backbone_model.get_submodule(path)
+                if not isinstance(module, self.target_types):
+                    token = _token_embedding(module)
+                    if token is not None:
+                        specs = [s for s in specs if s != "embeddings"] + [f"{path}.{token}"]
+            if specs != list(self.modified_modules):
+                return select_modules(self.backbone_model, specs, self.exclude_modules, structure=self.structure,
+                                      common_structure=None if self.common_structure else self.common_structure,
+                                      module_types=self.target_types)
+        return super().select_targets()
+
     def build_delta(self, path, target):
+        rank = pattern_value(self.rank_pattern, path, self.lora_r)
+        alpha = pattern_value(self.alpha_pattern, path, self.lora_alpha)
+        if isinstance(target, nn.Embedding):
+            weight = target.weight
+            delta = LoraEmbeddingDelta(target.num_embeddings, target.embedding_dim, rank, alpha, self.lora_dropout,
+                                       use_rslora=self.use_rslora, backend=self.backend, device=weight.device,
+                                       dtype=weight.dtype)
+            if self._shared_elsewhere(target):
+                # A tied output head reads the same weight: folding the update in would change the
+                # head's outputs too, which the routed delta never does. It keeps running routed.
+                delta.mergeable = False
+        elif isinstance(target, (nn.Conv1d, nn.Conv2d)):
+            if target.groups != 1 or target.padding_mode != "zeros":
+                raise ValueError(f"LoRA on {path} ({type(target).__name__}): groups={target.groups}, "
+                                 f"padding_mode={target.padding_mode!r}; supported: groups=1 with zero padding")
+            delta = LoraConvDelta(target, rank, alpha, self.lora_dropout, use_rslora=self.use_rslora,
+                                  backend=self.backend)
+        else:
+            delta = self._linear_delta(path, target, rank, alpha)
+        if self.use_dora:
+            if isinstance(delta, LoraDelta) and delta.route_kind == "parallel":
+                raise ValueError(f"use_dora on {path} ({type(target).__name__}): DoRA rescales the module's output, "
+                                 "which a Linear subclass with a forward of its own computes itself")
+            if any(d.route_kind == "replace" for d in routing.routes(target)):
+                raise ValueError(f"use_dora on {path}: another delta already computes its output; DoRA must be the "
+                                 "first (or only) LoRA on a module")
+            delta.init_dora(target)
+        return delta
+
+    def _shared_elsewhere(self, target: nn.Module) -> bool:
+        weight = target.weight
+        return any(m is not target and any(p is weight for p in m.parameters(recurse=False))
+                   for m in self.backbone_model.modules())
+
+    def _linear_delta(self, path, target, rank, alpha) -> LoraDelta:
         in_features, out_features = linear_features(target)
         kind = linear_forward_kind(target)
         if kind == NOT_A_PROJECTION:
@@ -148,8 +381,6 @@ class LoraModel(DeltaBase):
                 f"LoRA cannot modify {path} ({type(target).__name__}): its own forward does not return the projection "
                 "of its input (it returns a tuple or reshapes it); leave it out of modified_modules"
             )
-        rank = pattern_value(self.rank_pattern, path, self.lora_r)
-        alpha = pattern_value(self.alpha_pattern, path, self.lora_alpha)
         delta = LoraDelta(
             in_features, out_features, rank, alpha, self.lora_dropout,
             use_rslora=self.use_rslora, fan_in_fan_out=is_conv1d(target), backend=self.backend,
@@ -172,11 +403,12 @@ class LoraModel(DeltaBase):
         except ValueError as err:
             raise CheckpointError(f"cannot attach the PEFT adapter in {str(path)!r}: {err}") from None
         tensors = dict(adapter.module_tensors)
+        ours = {"A": "lora_A", "B": "lora_B", "magnitude": "lora_magnitude_vector"}
         for slot in delta.slots:
-            if slot.path in adapter.factors:
-                tensors[f"{slot.path}.{slot.child_name}.lora_A"] = adapter.factors[slot.path]["A"]
-                tensors[f"{slot.path}.{slot.child_name}.lora_B"] = adapter.factors[slot.path]["B"]
+            for which, tensor in adapter.factors.get(slot.path, {}).items():
+                tensors[f"{slot.path}.{slot.child_name}.{ours[which]}"] = tensor
         try:
+            delta.load_backbone_tensors(adapter.base_tensors, source=adapter.source)
             delta.load_delta_state_dict(tensors, expected_targets=sorted(adapter.factors), source=adapter.source)
         except BaseException:
             delta.remove()
@@ -190,4 +422,12 @@ class LoraModel(DeltaBase):
         return super().save_in_format(fmt, path)
 
 
-__all__ = ["LoraConfig", "LoraDelta", "LoraModel"]
+def _token_embedding(container: nn.Module) -> Optional[str]:
+    """The name of the token embedding inside an embeddings container: its largest nn.Embedding."""
+    embeddings = [(name, m) for name, m in container.named_modules() if isinstance(m, nn.Embedding)]
+    if not embeddings:
+        return None
+    return max(embeddings, key=lambda item: item[1].num_embeddings)[0]
+
+
+__all__ = ["LoraConfig", "LoraConvDelta", "LoraDelta", "LoraEmbeddingDelta", "LoraModel"]

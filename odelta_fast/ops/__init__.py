@@ -12,6 +12,8 @@ from .backend import BACKENDS, resolve_backend
 from .bias import bias_add, bias_backends, linear_bias_delta
 from .lora import lora_backends, lora_linear, lora_linear_reference, lora_shrink_grouped
 from .merge import bias_merge_, lora_delta_weight, lora_merge_, merge_backends
+from .dora import dora_linear, dora_merge_, dora_row_norm
+from .low_rank import lora_conv_update, lora_embedding_update, lora_update
 from .multi_lora import multi_lora_backends
 from .weights import kronecker_sum, low_rank_product, prefix_mlp
 
@@ -37,6 +39,6 @@ def backend_for(op: str, device, backend: str = "auto", dtype: Optional[torch.dt
 
 __all__ = [
     "ACTIVATIONS", "BACKENDS", "OP_BACKENDS", "adapter_backends", "adapter_bottleneck", "backend_for", "bias_add",
-    "bias_backends", "bias_merge_", "kronecker_sum", "linear_bias_delta", "lora_backends", "lora_delta_weight", "lora_linear", "lora_linear_reference",
-    "lora_merge_", "lora_shrink_grouped", "low_rank_product", "merge_backends", "prefix_mlp", "resolve_backend",
+    "bias_backends", "bias_merge_", "dora_linear", "dora_merge_", "dora_row_norm", "kronecker_sum", "linear_bias_delta", "lora_backends", "lora_delta_weight", "lora_linear", "lora_linear_reference",
+    "lora_conv_update", "lora_embedding_update", "lora_merge_", "lora_shrink_grouped", "lora_update", "low_rank_product", "merge_backends", "prefix_mlp", "resolve_backend",
 ]
