@@ -19,6 +19,7 @@ from ..checkpoint import CheckpointError
 from ..configs import BaseDeltaConfig, positive_int
 from ..delta import DeltaBase, DeltaModule
 from ..ops.low_rank import lora_update
+from . import moe_lora
 from .shapes import is_conv1d, linear_features
 
 logger = logging.getLogger("odelta_fast")
@@ -99,12 +100,20 @@ class LoraConfig(BaseDeltaConfig):
     use_rslora: bool = False
     rank_pattern: dict[str, int] = field(default_factory=dict)
     alpha_pattern: dict[str, float] = field(default_factory=dict)
+    # Parameters targeted by name (PEFT's target_parameters): MoE expert stacks, see methods/moe_lora.py.
+    target_parameters: Optional[list[str]] = None
 
     def validate(self):
         positive_int(self, "lora_r")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
         self.rank_pattern, self.alpha_pattern = dict(self.rank_pattern or {}), dict(self.alpha_pattern or {})
+        if isinstance(self.target_parameters, str):
+            self.target_parameters = [self.target_parameters]
+        if self.target_parameters and self.lora_dropout:
+            # As in PEFT: the update on a parameter is folded through the layer's own computation
+            # (W + s B A), where dropout on the low-rank branch's input has no meaning.
+            raise ValueError("lora_dropout must be 0 with target_parameters (PEFT refuses it too)")
 
 
 class LoraModel(DeltaBase):
@@ -131,9 +140,22 @@ class LoraModel(DeltaBase):
         rank_pattern: Optional[dict[str, int]] = None,
         alpha_pattern: Optional[dict[str, float]] = None,
         name: Optional[str] = None,
+        target_parameters: Optional[Sequence[str]] = None,
     ):
         self.target_types = linear_types()
         DeltaBase.__init__(self, backbone_model, LoraConfig.from_arguments(locals()))
+
+    def select_targets(self):
+        # modified_modules=[] with target_parameters: parameters only (PEFT's target_modules=[]).
+        modules = super().select_targets() if self.modified_modules or not self.target_parameters else []
+        if not self.target_parameters:
+            return modules
+        params = moe_lora.select_parameter_targets(self.backbone_model, self.target_parameters, self.exclude_modules)
+        both = sorted({p for p, _ in modules} & {p for p, _, _ in params})
+        if both:
+            raise ValueError(f"{both[:5]} selected by modified_modules and by target_parameters; target each once")
+        self.__dict__["_parameter_targets"] = {path: names for path, _, names in params}
+        return modules + [(path, module) for path, module, _ in params]
 
     def default_targets(self):
         # q and v where they are separate, the fused projection where they are not; a wrapper
@@ -141,6 +163,11 @@ class LoraModel(DeltaBase):
         return self.present_common_names([*self.default_modified_modules, "attn.qkv"])
 
     def build_delta(self, path, target):
+        names = self.__dict__.get("_parameter_targets", {}).get(path)
+        if names:
+            return moe_lora.build_experts_delta(
+                path, target, names, lora_r=self.lora_r, lora_alpha=self.lora_alpha, rank_pattern=self.rank_pattern,
+                alpha_pattern=self.alpha_pattern, use_rslora=self.use_rslora, backend=self.backend)
         in_features, out_features = linear_features(target)
         kind = linear_forward_kind(target)
         if kind == NOT_A_PROJECTION:
@@ -167,6 +194,9 @@ class LoraModel(DeltaBase):
         """Load a LoRA checkpoint saved by PEFT (``adapter_config.json`` + ``adapter_model.safetensors``);
         any mismatch raises ``CheckpointError`` and leaves the backbone as it was."""
         adapter = peft_format.read_peft_adapter(path)
+        experts = None
+        if adapter.config.get("target_parameters"):
+            adapter, experts = moe_lora.split_peft_adapter(adapter, backbone_model)
         try:
             delta = cls(backbone_model, **{**adapter.lora_kwargs, **overrides})
         except ValueError as err:
@@ -176,8 +206,13 @@ class LoraModel(DeltaBase):
             if slot.path in adapter.factors:
                 tensors[f"{slot.path}.{slot.child_name}.lora_A"] = adapter.factors[slot.path]["A"]
                 tensors[f"{slot.path}.{slot.child_name}.lora_B"] = adapter.factors[slot.path]["B"]
+            elif experts is not None and slot.path in experts.tensors:
+                for key, tensor in experts.tensors[slot.path].items():
+                    child = slot.delta.child_names.get(key.split(".")[0], key.split(".")[0])
+                    tensors[f"{slot.path}.{slot.child_name}.{child}.{key.split('.', 1)[1]}"] = tensor
+        expected = sorted(adapter.factors) + (sorted(experts.tensors) if experts is not None else [])
         try:
-            delta.load_delta_state_dict(tensors, expected_targets=sorted(adapter.factors), source=adapter.source)
+            delta.load_delta_state_dict(tensors, expected_targets=expected, source=adapter.source)
         except BaseException:
             delta.remove()
             raise
