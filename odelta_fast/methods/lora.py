@@ -17,9 +17,11 @@ from .. import ops, peft_format
 from ..addressing import NOT_A_PROJECTION, OWN_FORWARD, linear_forward_kind, linear_types, pattern_value
 from ..checkpoint import CheckpointError
 from ..configs import BaseDeltaConfig, positive_int
+from ..quantized import is_quantized
 from ..delta import DeltaBase, DeltaModule
 from ..ops.low_rank import lora_update
 from . import moe_lora
+from .qlora import QuantizedLoraDelta
 from .shapes import is_conv1d, linear_features
 
 logger = logging.getLogger("odelta_fast")
@@ -168,6 +170,10 @@ class LoraModel(DeltaBase):
             return moe_lora.build_experts_delta(
                 path, target, names, lora_r=self.lora_r, lora_alpha=self.lora_alpha, rank_pattern=self.rank_pattern,
                 alpha_pattern=self.alpha_pattern, use_rslora=self.use_rslora, backend=self.backend)
+        if is_quantized(target):  # bitsandbytes: the base matmul stays theirs, see methods/qlora.py
+            return QuantizedLoraDelta(target, pattern_value(self.rank_pattern, path, self.lora_r),
+                                      pattern_value(self.alpha_pattern, path, self.lora_alpha), self.lora_dropout,
+                                      use_rslora=self.use_rslora, backend=self.backend)
         in_features, out_features = linear_features(target)
         kind = linear_forward_kind(target)
         if kind == NOT_A_PROJECTION:
