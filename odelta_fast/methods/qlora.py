@@ -17,6 +17,7 @@ that merged weight.
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 from torch import nn
@@ -60,6 +61,8 @@ class QuantizedLoraDelta(DeltaModule):
 
     def parallel(self, target, args, kwargs):
         x = self._input(args, kwargs)
+        if self.training and torch.is_grad_enabled() and not _warned_packed and _repacked_for_cpu(target):
+            _warn_packed()
         a, b = self.lora_A.to(x.dtype), self.lora_B.to(x.dtype)
         return lora_update(x, a, b, self.scaling, self.dropout, training=self.training, backend=self.backend)
 
@@ -107,6 +110,23 @@ class QuantizedLoraDelta(DeltaModule):
     def extra_repr(self) -> str:
         return (f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:g}, dropout={self.dropout}, "
                 f"base={self.quantization} (bitsandbytes)")
+
+
+_warned_packed = False
+
+
+def _repacked_for_cpu(target: nn.Module) -> bool:
+    state = getattr(target.weight, "quant_state", None)
+    return bool(getattr(state, "packing_format_for_cpu", False))
+
+
+def _warn_packed() -> None:
+    global _warned_packed
+    _warned_packed = True
+    warnings.warn(
+        "bitsandbytes repacked this model's 4-bit weights for its CPU inference kernel (it does so at the first "
+        "no-grad forward in eval mode on CPUs with AVX512-BF16), and that kernel has no backward: gradients stop "
+        "there. Train before evaluating under no_grad, or reload the model.", UserWarning, stacklevel=4)
 
 
 __all__ = ["QuantizedLoraDelta"]
