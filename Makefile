@@ -17,7 +17,7 @@ TORCH_INDEX_URL ?=
 # What "the frontend" is: methods x architectures, prefix and soft prompt, checkpoints, PEFT interop.
 FRONTEND_TESTS := tests/test_methods.py tests/test_prefix_soft_prompt.py tests/test_checkpoint.py \
 	tests/test_peft_interop.py tests/test_lifecycle.py tests/test_merge_exactness.py tests/test_reliability.py \
-	tests/test_structure.py tests/test_addressing.py tests/test_gradient_checkpointing.py
+	tests/test_structure.py tests/test_addressing.py tests/test_gradient_checkpointing.py tests/test_moe_lora.py
 
 .PHONY: demo test test-floor bench gpu-check install clean
 

@@ -212,4 +212,134 @@ def multi_rows(device, dtype, small: bool, providers=None) -> Iterator[Row]:
                   str(dtype)[6:], t["ms"], t["ms_p20"], t["ms_p80"], flops, moved)
 
 
-SUITES = {"lora": lora_rows, "adapter": adapter_rows, "bias": bias_rows, "merge": merge_rows, "multi": multi_rows}
+class _Holder(torch.nn.Module):
+    """A backbone of one module, so deltas and PEFT address it by name."""
+
+    def __init__(self, **children):
+        super().__init__()
+        for name, child in children.items():
+            self.add_module(name, child)
+
+
+def _moe_experts(H, I, E, device, dtype):
+    import transformers
+
+    config = transformers.Qwen3MoeConfig(hidden_size=H, moe_intermediate_size=I, num_experts=E, num_experts_per_tok=8,
+                                         num_hidden_layers=1, num_attention_heads=8, num_key_value_heads=4, head_dim=64,
+                                         vocab_size=128)
+    # grouped_mm: transformers 5.24's default experts implementation (what PEFT wraps); on CPU it also
+    # avoids the eager loop's index_add_, measured ~0.1 s per call on a shared 2-core machine.
+    config._experts_implementation = "grouped_mm"
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        experts = transformers.models.qwen3_moe.modeling_qwen3_moe.Qwen3MoeExperts(config)
+        for p in experts.parameters():
+            torch.nn.init.normal_(p, std=0.02)
+    return experts.to(device=device, dtype=dtype).requires_grad_(False)
+
+
+def moe_rows(device, dtype, small: bool, providers=None) -> Iterator[Row]:
+    """LoRA on every expert of a MoE layer (gate_up_proj and down_proj, one (A, B) per expert),
+    fwd+bwd (input and LoRA gradients): ours (grouped low-rank over routed tokens) against PEFT's
+    target_parameters and the frozen layer. Issue target: >= 1.5x PEFT at 128 experts, hidden
+    2048, expert width 768, r = 16, 4096 tokens, top-8, bf16."""
+    import peft
+
+    from odelta_fast import LoraModel
+
+    T, H, I, E, k, r = (128, 64, 32, 8, 2, 4) if small else (4096, 2048, 768, 128, 8, 16)
+    targets = ["experts.gate_up_proj", "experts.down_proj"]
+    gen = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(T, H, device=device, dtype=dtype, generator=gen).requires_grad_()
+    logits = torch.randn(T, E, device=device, generator=gen)
+    top_w, top_i = logits.softmax(-1).topk(k, dim=-1)
+    top_w = (top_w / top_w.sum(-1, keepdim=True)).to(dtype)
+    dy = torch.randn(T, H, device=device, dtype=dtype, generator=gen)
+    es = x.element_size()
+    S = T * k
+    base_flops = 2 * S * H * 2 * I + 2 * S * I * H
+    lora_flops = 2 * S * r * (H + 2 * I) + 2 * S * r * (I + H)
+    weight_bytes = 3 * E * H * I * es
+    shape = {"tokens": T, "experts": E, "H": H, "I": I, "top_k": k, "r": r}
+    for provider in _providers(device, providers, ["base", "eager", "triton", "peft"]):
+        holder = _Holder(experts=_moe_experts(H, I, E, device, dtype))
+        if provider == "peft":
+            config = peft.LoraConfig(r=r, lora_alpha=2 * r, target_modules=[], target_parameters=targets,
+                                     init_lora_weights=False)
+            holder = peft.get_peft_model(holder, config).base_model.model
+            params = [p for p in holder.parameters() if p.requires_grad]
+        elif provider != "base":
+            delta = LoraModel(holder, lora_r=r, lora_alpha=2 * r, modified_modules=[], target_parameters=targets,
+                              backend=provider)
+            for p in delta.parameters():
+                torch.nn.init.normal_(p, std=0.02)
+            params = list(delta.parameters())
+        else:
+            params = []
+        layer = holder.experts
+        fn = (lambda t, layer=layer: layer(t, top_i, top_w))
+        flops = base_flops + (lora_flops if provider != "base" else 0)
+        with torch.no_grad():
+            t = time_ms(lambda: fn(x), device, reps=10 if device.type != "cuda" else 100)
+        yield Row("moe", provider, "fwd", shape, str(dtype)[6:], t["ms"], t["ms_p20"], t["ms_p80"],
+                  flops, weight_bytes + 2 * S * H * es)
+        t = time_ms(_fwd_bwd(fn, x, dy, params), device, reps=10 if device.type != "cuda" else 100)
+        yield Row("moe", provider, "fwd+bwd", shape, str(dtype)[6:], t["ms"], t["ms_p20"], t["ms_p80"],
+                  3 * flops, 2 * weight_bytes + 6 * S * H * es)
+
+
+def qlora_rows(device, dtype, small: bool, providers=None) -> Iterator[Row]:
+    """LoRA on a bitsandbytes nf4 (double-quantized) Linear, fwd+bwd: ours (bitsandbytes' matmul
+    plus the low-rank update beside it) against PEFT's QLoRA layer and the frozen 4-bit layer.
+    Issue target: step time no worse than PEFT's."""
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        print("qlora: bitsandbytes is not installed; suite skipped")
+        return
+    import peft
+
+    from odelta_fast import LoraModel
+
+    M, K, N, r = (256, 128, 128, 8) if small else (8192, 4096, 4096, 16)
+    gen = torch.Generator(device=device).manual_seed(0)
+    dense = torch.randn(N, K, device=device, dtype=dtype, generator=gen) / math.sqrt(K)
+    x = torch.randn(M, K, device=device, dtype=dtype, generator=gen).requires_grad_()
+    dy = torch.randn(M, N, device=device, dtype=dtype, generator=gen)
+    es = x.element_size()
+
+    def quantized():
+        layer = bnb.nn.Linear4bit(K, N, bias=False, compute_dtype=dtype, quant_type="nf4", compress_statistics=True)
+        layer.weight = bnb.nn.Params4bit(dense.detach().cpu().float(), requires_grad=False, quant_type="nf4",
+                                         compress_statistics=True)
+        return layer.to(device).train()
+
+    shape = {"M": M, "K": K, "N": N, "r": r}
+    for provider in _providers(device, providers, ["base", "eager", "peft"]):
+        holder = _Holder(proj=quantized())
+        if provider == "peft":
+            holder.is_loaded_in_4bit = True  # what PEFT's dispatcher reads off a transformers model
+            wrapped = peft.get_peft_model(holder, peft.LoraConfig(r=r, lora_alpha=2 * r, target_modules=["proj"],
+                                                                  init_lora_weights=False))
+            holder = wrapped.base_model.model
+            params = [p for p in holder.parameters() if p.requires_grad]
+        elif provider == "eager":
+            delta = LoraModel(holder, lora_r=r, lora_alpha=2 * r, modified_modules=["proj"])
+            for p in delta.parameters():
+                torch.nn.init.normal_(p, std=0.02)
+            params = list(delta.parameters())
+        else:
+            params = []
+        fn = holder.proj
+        flops = 2 * M * N * K + (2 * M * r * (K + N) if provider != "base" else 0)
+        moved = N * K // 2 + (M * K + M * N) * es  # 4-bit weight: half a byte per element
+        with torch.no_grad():
+            t = time_ms(lambda: fn(x), device, reps=10 if device.type != "cuda" else 100)
+        yield Row("qlora", provider, "fwd", shape, str(dtype)[6:], t["ms"], t["ms_p20"], t["ms_p80"], flops, moved)
+        t = time_ms(_fwd_bwd(fn, x, dy, params), device, reps=10 if device.type != "cuda" else 100)
+        yield Row("qlora", provider, "fwd+bwd", shape, str(dtype)[6:], t["ms"], t["ms_p20"], t["ms_p80"],
+                  2 * flops, 2 * moved)
+
+
+SUITES = {"lora": lora_rows, "adapter": adapter_rows, "bias": bias_rows, "merge": merge_rows, "multi": multi_rows,
+          "moe": moe_rows, "qlora": qlora_rows}

@@ -119,7 +119,7 @@ def _headline(rows: list[dict], suite: str, mode: str, prefer: dict) -> list[dic
             rows = [r for r in rows if r["shape"].get(key) == value]
     if not rows:
         return []
-    size_key = "M" if "M" in rows[0]["shape"] else "N"
+    size_key = next(k for k in ("M", "N", "tokens") if k in rows[0]["shape"])
     biggest = max(r["shape"][size_key] for r in rows)
     rows = [r for r in rows if r["shape"][size_key] == biggest]
     first_shape = rows[0]["shape"]
@@ -134,7 +134,8 @@ def summary(record: dict) -> str:
              + _headline(rows, "lora", "fwd+bwd", {"K": 4096, "N": 4096, "r": 16, "M": 8192, "dropout": 0.05})
              + _headline(rows, "adapter", "fwd+bwd", {}) + _headline(rows, "bias", "fwd+bwd", {})
              + _headline(rows, "merge", "merge", {"r": 16})
-             + _headline(rows, "multi", "decode", {"batch": "mixed"}) + _headline(rows, "multi", "decode", {"batch": "one delta"}))
+             + _headline(rows, "multi", "decode", {"batch": "mixed"}) + _headline(rows, "multi", "decode", {"batch": "one delta"})
+             + _headline(rows, "moe", "fwd+bwd", {}) + _headline(rows, "qlora", "fwd+bwd", {}))
     for r in picks:
         lines.append(f"| {r['suite']} {r['mode']} | {_shape(r)} | {r['provider']} | {r['ms']:.3f} | {_ratio_cells(r)} |")
     return "\n".join(lines + _e2e_table(record)) + "\n"
@@ -196,7 +197,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--small", action="store_true", help="toy sizes (CPU smoke run)")
     parser.add_argument("--device", default=None)
-    parser.add_argument("--suites", nargs="+", default=["lora", "adapter", "bias", "merge", "multi"])
+    parser.add_argument("--suites", nargs="+", default=["lora", "adapter", "bias", "merge", "multi", "moe", "qlora"])
     parser.add_argument("--providers", nargs="+", default=None)
     parser.add_argument("--no-e2e", action="store_true")
     parser.add_argument("--out", default=str(RESULTS))

@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from .markers import DELTA_MARKER
+from .quantized import is_quantized
 
 REGEX_PREFIX = "[r]"
 ALL_LINEAR = "all-linear"
@@ -102,6 +103,10 @@ def linear_forward_kind(module: nn.Module) -> str:
     bases = [t for t in linear_types() if isinstance(module, t)]
     if not bases or any(cls.forward is base.forward for base in bases):
         return PLAIN_LINEAR
+    if is_quantized(module):
+        # bitsandbytes: its forward is the projection through a packed weight, which must not be
+        # probed as a matrix (an eval forward may even repack it); deltas add to its output.
+        return OWN_FORWARD
     weight = module.weight
     conv1d = not isinstance(module, nn.Linear)
     n_in, n_out = (weight.shape[0], weight.shape[1]) if conv1d else (weight.shape[1], weight.shape[0])

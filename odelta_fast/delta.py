@@ -41,6 +41,9 @@ class DeltaModule(routing.RouteHooks):
 
     mergeable: ClassVar[bool] = False
     merge_parameter: ClassVar[str] = "weight"
+    # A delta on a quantized layer (bitsandbytes): folding it needs the weight dequantized, which
+    # the user must ask for (merge(dequantize=True)); the delta then provides unloaded(target).
+    dequantizes_on_merge: ClassVar[bool] = False
 
     def __init__(self, backend: str = "auto"):
         super().__init__()
@@ -378,11 +381,14 @@ class DeltaBase:
     def is_merged(self) -> bool:
         return any(slot.delta.merged for slot in self.slots)
 
-    def merge(self) -> "DeltaBase":
+    def merge(self, dequantize: bool = False) -> "DeltaBase":
         """Fold every mergeable delta into the base weights (fp32 accumulation). Deltas that
-        cannot be folded (adapters) keep running as routed modules."""
+        cannot be folded (adapters) keep running as routed modules. Modules with quantized weights
+        (bitsandbytes 4 / 8-bit) are refused unless ``dequantize=True``: they then compute with a
+        dequantized float copy of their weight holding the delta (their packed weight untouched)."""
         if not self.attached:
             raise RuntimeError(f"delta {self.name!r} is detached; attach() it before merge()")
+        _refuse_quantized(self, dequantize, "merge")
         with torch.no_grad():
             for slot in self.slots:
                 if slot.delta.mergeable and not slot.delta.merged:
@@ -566,13 +572,15 @@ class DeltaBase:
             self.backbone_model.__dict__.pop(REGISTRY_ATTR, None)
             remove_state_dict_filter(self.backbone_model)
 
-    def merge_and_unload(self, progress: Optional[bool] = None) -> nn.Module:
+    def merge_and_unload(self, progress: Optional[bool] = None, dequantize: bool = False) -> nn.Module:
         """Fold this delta into the backbone's weights for good and remove every trace of it
         (its modules, the routing, its name, and with the last delta the ``state_dict`` filter);
         returns the backbone, a plain model ``save_pretrained`` writes whole. Module by module,
         keeping no copy of the original weights. A delta that cannot be folded (adapters,
         prefixes, BitFit on modules without a bias) is refused before anything changes. Backbone
-        modules it trained (``unfrozen_modules``) keep their trained values."""
+        modules it trained (``unfrozen_modules``) keep their trained values. Quantized modules
+        (bitsandbytes) need ``dequantize=True``: each is replaced by a plain ``nn.Linear`` holding its
+        dequantized weight with the delta folded in."""
         from tqdm.auto import tqdm
 
         from .logging_utils import tqdm_disable
@@ -585,8 +593,21 @@ class DeltaBase:
                 f"{type(self).__name__} {self.name!r} cannot be folded into the weights of {len(blocked)} module(s) "
                 f"({', '.join(blocked[:5])}{', ...' if len(blocked) > 5 else ''}): it adds computation there "
                 "rather than changing an existing weight or bias; keep it attached, or save it with save_finetuned()")
+        _refuse_quantized(self, dequantize, "merge_and_unload")
+        shared = [slot.path for slot in self.slots if slot.delta.dequantizes_on_merge and len(routing.routes(slot.target)) > 1]
+        if shared:
+            raise ValueError(f"merge_and_unload(dequantize=True) replaces the quantized modules {shared[:5]}, which "
+                             "carry other deltas too; remove or merge_and_unload those first")
         with torch.no_grad():
             for slot in tqdm(self.slots, desc=f"merging {self.name}", unit="module", disable=tqdm_disable(progress)):
+                if slot.delta.dequantizes_on_merge:
+                    replacement = slot.delta.unloaded(slot.target)
+                    slot.delta.merged = False
+                    routing.detach(slot.target, slot.child_name)
+                    parent, _, child = slot.path.rpartition(".")
+                    setattr(self.backbone_model.get_submodule(parent) if parent else self.backbone_model, child,
+                            replacement)
+                    continue
                 merging.fold_permanently(slot.target, slot.delta)
                 slot.delta.merged = False
                 routing.detach(slot.target, slot.child_name)
@@ -607,6 +628,22 @@ class DeltaBase:
     def __repr__(self) -> str:
         state = "merged" if self.is_merged else ("attached" if self.attached else "detached")
         return f"{type(self).__name__}(name={self.name!r}, targets={len(self.slots)}, {state})"
+
+
+def _refuse_quantized(delta: DeltaBase, dequantize: bool, what: str) -> None:
+    """Merging into quantized weights is the user's call: say why, and how to ask for it."""
+    if dequantize:
+        return
+    paths = [slot.path or "<root>" for slot in delta.slots if slot.delta.dequantizes_on_merge and not slot.delta.merged]
+    if paths:
+        raise ValueError(
+            f"{what}: {len(paths)} module(s) of {delta.name!r} have quantized weights (bitsandbytes 4/8-bit: "
+            f"{', '.join(paths[:3])}{', ...' if len(paths) > 3 else ''}). Folding a delta into them would mean "
+            "requantizing, whose rounding error (about one quantization step per weight) changes the outputs. "
+            f"{what}(dequantize=True) instead computes each with a dequantized float copy of its weight holding the "
+            "delta (memory: one float weight per module; " + ("the packed weight is kept, and unmerge() returns to "
+                                                                "it exactly)" if what == "merge" else
+                                                                "each module becomes a plain nn.Linear)"))
 
 
 def _name_taken(backbone: nn.Module, name: Optional[str]) -> bool:

@@ -50,7 +50,17 @@ def record_of(target: nn.Module, parameter: str):
 
 def _routed_order(target: nn.Module, deltas: list["DeltaModule"]) -> list["DeltaModule"]:
     position = {id(d): i for i, d in enumerate(routes(target))}
-    return sorted(deltas, key=lambda d: position.get(id(d), len(position)))
+    # A part of a delta that folds into several parameters is ordered as its delta.
+    return sorted(deltas, key=lambda d: position.get(id(getattr(d, "owner", d)), len(position)))
+
+
+def _parts(delta) -> tuple:
+    """What folds into one parameter each: the delta itself (``merge_parameter``), or, for a delta
+    changing several parameters of its target (LoRA on a MoE layer's ``gate_up_proj`` and
+    ``down_proj``), its ``merge_parts()``: persistent objects with ``merge_parameter``, ``fold_``
+    and ``owner``, each recorded in its parameter's ledger like a delta of its own."""
+    parts = getattr(delta, "merge_parts", None)
+    return tuple(parts()) if parts is not None else (delta,)
 
 
 def _rebuild(target: nn.Module, param: torch.Tensor, record: MergeRecord) -> None:
@@ -61,7 +71,12 @@ def _rebuild(target: nn.Module, param: torch.Tensor, record: MergeRecord) -> Non
 
 @torch.no_grad()
 def merge(target: nn.Module, delta: "DeltaModule") -> None:
-    """Fold ``delta`` into ``target``'s parameter ``delta.merge_parameter``."""
+    """Fold ``delta`` into ``target``'s parameter ``delta.merge_parameter`` (each of its parts')."""
+    for part in _parts(delta):
+        _merge_one(target, part)
+
+
+def _merge_one(target: nn.Module, delta) -> None:
     name = delta.merge_parameter
     param = getattr(target, name)
     ledger = _ledger(target)
@@ -81,6 +96,11 @@ def merge(target: nn.Module, delta: "DeltaModule") -> None:
 @torch.no_grad()
 def unmerge(target: nn.Module, delta: "DeltaModule") -> None:
     """Take ``delta`` out of ``target``'s parameter; the others merged there stay merged."""
+    for part in _parts(delta):
+        _unmerge_one(target, part)
+
+
+def _unmerge_one(target: nn.Module, delta) -> None:
     name = delta.merge_parameter
     param = getattr(target, name)
     ledger = target.__dict__.get(LEDGER_ATTR, {})
@@ -101,11 +121,16 @@ def unmerge(target: nn.Module, delta: "DeltaModule") -> None:
 def fold_permanently(target: nn.Module, delta: "DeltaModule") -> None:
     """Bake ``delta`` into ``target`` for good (``merge_and_unload``): it becomes part of the
     backbone, so deltas merged there later unmerge to a parameter that still contains it."""
+    for part in _parts(delta):
+        _fold_permanently_one(target, part)
+
+
+def _fold_permanently_one(target: nn.Module, delta) -> None:
     name = delta.merge_parameter
     param = getattr(target, name)
     record = record_of(target, name)
     if record is not None and any(d is delta for d in record.deltas):
-        unmerge(target, delta)
+        _unmerge_one(target, delta)
         record = record_of(target, name)
     if record is None:
         delta.fold_(target, param)

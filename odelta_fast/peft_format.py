@@ -50,7 +50,7 @@ KNOWN_LORA_KEYS = {
 }
 # Features that change the math: loading them as plain LoRA would give wrong outputs.
 UNSUPPORTED_WHEN_SET = {"lora_bias": "LoRA bias terms", "use_qalora": "QALoRA",
-                        "layer_replication": "layer replication", "target_parameters": "parameter targeting"}
+                        "layer_replication": "layer replication"}
 
 _TASK_TYPES = (("ForCausalLM", "CAUSAL_LM"), ("ForSequenceClassification", "SEQ_CLS"),
                ("ForConditionalGeneration", "SEQ_2_SEQ_LM"), ("ForSeq2SeqLM", "SEQ_2_SEQ_LM"),
@@ -106,7 +106,19 @@ def save_peft(delta, path: str | os.PathLike) -> str:
     directory.mkdir(parents=True, exist_ok=True)
     tensors: dict[str, torch.Tensor] = {}
     rank_pattern, alpha_pattern = {}, {}
+    target_parameters: list[str] = []
+    layout_version = _installed_version("peft")
     for slot in delta.slots:
+        entries = getattr(slot.delta, "peft_entries", None)
+        if entries is not None:
+            # LoRA on parameters (MoE expert stacks): PEFT's target_parameters layout, as the
+            # installed PEFT writes it (the layout changed in PEFT 0.19; peft_version says which).
+            found = entries(slot.target, slot.path, layout_version)
+            tensors.update({PREFIX + key: value for key, value in found.tensors.items()})
+            target_parameters += found.parameters
+            rank_pattern.update({re.escape(k): v for k, v in found.ranks.items() if v != delta.lora_r})
+            alpha_pattern.update({re.escape(k): v for k, v in found.alphas.items() if v != delta.lora_alpha})
+            continue
         for key, tensor in peft_keys(slot.delta).items():
             tensors[f"{PREFIX}{slot.path}.{key}"] = tensor
         # Anchored full paths: PEFT matches patterns against the end of the module name.
@@ -135,7 +147,7 @@ def save_peft(delta, path: str | os.PathLike) -> str:
         "r": delta.lora_r,
         "lora_alpha": delta.lora_alpha,
         "lora_dropout": delta.lora_dropout,
-        "target_modules": sorted(slot.path for slot in delta.slots),
+        "target_modules": sorted(slot.path for slot in delta.slots if not hasattr(slot.delta, "peft_entries")),
         "fan_in_fan_out": any(getattr(slot.delta, "fan_in_fan_out", False) for slot in delta.slots),
         "bias": "none",
         "use_rslora": delta.use_rslora,
@@ -145,11 +157,23 @@ def save_peft(delta, path: str | os.PathLike) -> str:
         "alpha_pattern": alpha_pattern,
         "use_dora": bool(delta.use_dora),
     }
+    if target_parameters:
+        # Without PEFT installed the layout written is the current one, first written by 0.19.1.
+        config.update(target_parameters=target_parameters, peft_version=layout_version or "0.19.1")
     cpu = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
     save_tensors(directory / PEFT_WEIGHTS_NAME, cpu, metadata={"format": "pt"})
     text = json.dumps(config, indent=2, sort_keys=True) + "\n"
     atomic_write(directory / PEFT_CONFIG_NAME, lambda tmp: Path(tmp).write_text(text))
     return str(directory)
+
+
+def _installed_version(package: str):
+    from importlib import metadata
+
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
 
 
 def read_peft_config(path: str | os.PathLike) -> dict[str, Any]:
@@ -183,6 +207,7 @@ class PeftAdapter:
     factors: dict[str, dict[str, torch.Tensor]]  # module path -> {"A", "B"[, "magnitude"]}
     module_tensors: dict[str, torch.Tensor]      # modules_to_save, by parameter name in the backbone
     source: str                                  # the weights file, for messages
+    config: dict[str, Any] = field(default_factory=dict)  # adapter_config.json as read
     # Base weights of targeted modules (PEFT's save_embedding_layers copy of an embedding it
     # adapted), by parameter name: loaded into the backbone, but not modules to train or save.
     base_tensors: dict[str, torch.Tensor] = field(default_factory=dict)
@@ -235,4 +260,4 @@ def read_peft_adapter(path: str | os.PathLike) -> PeftAdapter:
                   modified_modules=sorted(factors), common_structure=False, exclude_modules=[],
                   unfrozen_modules=unfrozen, use_rslora=bool(config.get("use_rslora", False)),
                   rank_pattern=rank_pattern, alpha_pattern=alpha_pattern, use_dora=dora)
-    return PeftAdapter(kwargs, factors, extra, str(weights), base)
+    return PeftAdapter(kwargs, factors, extra, str(weights), config, base)

@@ -17,8 +17,11 @@ from .. import ops, peft_format, routing
 from ..addressing import NOT_A_PROJECTION, OWN_FORWARD, linear_forward_kind, linear_types, pattern_value, select_modules
 from ..checkpoint import CheckpointError
 from ..configs import BaseDeltaConfig, positive_int
+from ..quantized import is_quantized
 from ..delta import DeltaBase, DeltaModule
 from ..ops.low_rank import lora_update
+from . import moe_lora
+from .qlora import QuantizedLoraDelta
 from .shapes import is_conv1d, linear_features
 
 logger = logging.getLogger("odelta_fast")
@@ -270,12 +273,20 @@ class LoraConfig(BaseDeltaConfig):
     rank_pattern: dict[str, int] = field(default_factory=dict)
     alpha_pattern: dict[str, float] = field(default_factory=dict)
     use_dora: bool = False
+    # Parameters targeted by name (PEFT's target_parameters): MoE expert stacks, see methods/moe_lora.py.
+    target_parameters: Optional[list[str]] = None
 
     def validate(self):
         positive_int(self, "lora_r")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
         self.rank_pattern, self.alpha_pattern = dict(self.rank_pattern or {}), dict(self.alpha_pattern or {})
+        if isinstance(self.target_parameters, str):
+            self.target_parameters = [self.target_parameters]
+        if self.target_parameters and self.lora_dropout:
+            # As in PEFT: the update on a parameter is folded through the layer's own computation
+            # (W + s B A), where dropout on the low-rank branch's input has no meaning.
+            raise ValueError("lora_dropout must be 0 with target_parameters (PEFT refuses it too)")
 
 
 class LoraModel(DeltaBase):
@@ -305,6 +316,7 @@ class LoraModel(DeltaBase):
         alpha_pattern: Optional[dict[str, float]] = None,
         use_dora: bool = False,
         name: Optional[str] = None,
+        target_parameters: Optional[Sequence[str]] = None,
     ):
         self.target_types = self.supported_types()
         DeltaBase.__init__(self, backbone_model, LoraConfig.from_arguments(locals()))
@@ -314,12 +326,24 @@ class LoraModel(DeltaBase):
         """Module types LoRA attaches to (resolved on use: GPT-2's Conv1D comes from transformers)."""
         return (*linear_types(), nn.Embedding, nn.Conv1d, nn.Conv2d)
 
+    def select_targets(self):
+        # modified_modules=[] with target_parameters: parameters only (PEFT's target_modules=[]).
+        modules = self._select_modules() if self.modified_modules or not self.target_parameters else []
+        if not self.target_parameters:
+            return modules
+        params = moe_lora.select_parameter_targets(self.backbone_model, self.target_parameters, self.exclude_modules)
+        both = sorted({p for p, _ in modules} & {p for p, _, _ in params})
+        if both:
+            raise ValueError(f"{both[:5]} selected by modified_modules and by target_parameters; target each once")
+        self.__dict__["_parameter_targets"] = {path: names for path, _, names in params}
+        return modules + [(path, module) for path, module, _ in params]
+
     def default_targets(self):
         # q and v where they are separate, the fused projection where they are not; a wrapper
         # holding both kinds of backbone gets each its own.
         return self.present_common_names([*self.default_modified_modules, "attn.qkv"])
 
-    def select_targets(self):
+    def _select_modules(self):
         # A common name for a container of the token embedding (BERT's ``embeddings`` module holds
         # word, position and type embeddings and a norm) means the token embedding inside it.
         specs = list(self.modified_modules)
@@ -339,6 +363,19 @@ class LoraModel(DeltaBase):
         return super().select_targets()
 
     def build_delta(self, path, target):
+        names = self.__dict__.get("_parameter_targets", {}).get(path)
+        if names:
+            if self.use_dora:
+                raise ValueError(f"use_dora on {path}: DoRA is not available for expert parameters (target_parameters)")
+            return moe_lora.build_experts_delta(
+                path, target, names, lora_r=self.lora_r, lora_alpha=self.lora_alpha, rank_pattern=self.rank_pattern,
+                alpha_pattern=self.alpha_pattern, use_rslora=self.use_rslora, backend=self.backend)
+        if is_quantized(target):  # bitsandbytes: the base matmul stays theirs, see methods/qlora.py
+            if self.use_dora:
+                raise ValueError(f"use_dora on {path}: DoRA on a quantized base is not supported here")
+            return QuantizedLoraDelta(target, pattern_value(self.rank_pattern, path, self.lora_r),
+                                      pattern_value(self.alpha_pattern, path, self.lora_alpha), self.lora_dropout,
+                                      use_rslora=self.use_rslora, backend=self.backend)
         rank = pattern_value(self.rank_pattern, path, self.lora_r)
         alpha = pattern_value(self.alpha_pattern, path, self.lora_alpha)
         if isinstance(target, nn.Embedding):
@@ -398,6 +435,9 @@ class LoraModel(DeltaBase):
         """Load a LoRA checkpoint saved by PEFT (``adapter_config.json`` + ``adapter_model.safetensors``);
         any mismatch raises ``CheckpointError`` and leaves the backbone as it was."""
         adapter = peft_format.read_peft_adapter(path)
+        experts = None
+        if adapter.config.get("target_parameters"):
+            adapter, experts = moe_lora.split_peft_adapter(adapter, backbone_model)
         try:
             delta = cls(backbone_model, **{**adapter.lora_kwargs, **overrides})
         except ValueError as err:
@@ -407,9 +447,14 @@ class LoraModel(DeltaBase):
         for slot in delta.slots:
             for which, tensor in adapter.factors.get(slot.path, {}).items():
                 tensors[f"{slot.path}.{slot.child_name}.{ours[which]}"] = tensor
+            if experts is not None and slot.path in experts.tensors:
+                for key, tensor in experts.tensors[slot.path].items():
+                    child = slot.delta.child_names.get(key.split(".")[0], key.split(".")[0])
+                    tensors[f"{slot.path}.{slot.child_name}.{child}.{key.split('.', 1)[1]}"] = tensor
+        expected = sorted(adapter.factors) + (sorted(experts.tensors) if experts is not None else [])
         try:
             delta.load_backbone_tensors(adapter.base_tensors, source=adapter.source)
-            delta.load_delta_state_dict(tensors, expected_targets=sorted(adapter.factors), source=adapter.source)
+            delta.load_delta_state_dict(tensors, expected_targets=expected, source=adapter.source)
         except BaseException:
             delta.remove()
             raise
