@@ -135,7 +135,8 @@ def summary(record: dict) -> str:
              + _headline(rows, "adapter", "fwd+bwd", {}) + _headline(rows, "bias", "fwd+bwd", {})
              + _headline(rows, "merge", "merge", {"r": 16})
              + _headline(rows, "multi", "decode", {"batch": "mixed"}) + _headline(rows, "multi", "decode", {"batch": "one delta"})
-             + _headline(rows, "moe", "fwd+bwd", {}) + _headline(rows, "qlora", "fwd+bwd", {}))
+             + _headline(rows, "moe", "fwd+bwd", {}) + _headline(rows, "qlora", "fwd+bwd", {})
+             + _headline(rows, "dora", "fwd+bwd", {}))
     for r in picks:
         lines.append(f"| {r['suite']} {r['mode']} | {_shape(r)} | {r['provider']} | {r['ms']:.3f} | {_ratio_cells(r)} |")
     return "\n".join(lines + _e2e_table(record)) + "\n"
@@ -197,7 +198,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--small", action="store_true", help="toy sizes (CPU smoke run)")
     parser.add_argument("--device", default=None)
-    parser.add_argument("--suites", nargs="+", default=["lora", "adapter", "bias", "merge", "multi", "moe", "qlora"])
+    parser.add_argument("--suites", nargs="+", default=["lora", "adapter", "bias", "merge", "multi", "moe", "qlora",
+                                                        "dora"])
     parser.add_argument("--providers", nargs="+", default=None)
     parser.add_argument("--no-e2e", action="store_true")
     parser.add_argument("--out", default=str(RESULTS))
