@@ -120,7 +120,8 @@ def run_demo(model_path: Optional[str] = None, epochs: int = 3, output: Optional
     torch.manual_seed(seed)
     delta = LoraModel(backbone, lora_r=8, lora_alpha=16, lora_dropout=0.05)
     # The classification head is new (random), so it trains with the delta and is saved with it.
-    delta.freeze_module(exclude=["deltas", "lm_head"])
+    # Unfrozen modules are raw names, as in OpenDelta: BERT's head is `classifier`.
+    delta.freeze_module(exclude=["deltas", "classifier"])
     console.print(f"LoRA attached by common names {delta.modified_modules} -> {len(delta.slots)} modules")
     delta.log(console=console)
 
