@@ -438,6 +438,11 @@ def readme_section(results: list[TypeResult], versions: dict) -> str:
         f"| all three | | {pct(summary['all_defaults'])} |",
         f"| LoRA `all-linear` | | {pct(m[ALL_LINEAR]['after'])} |",
         "",
+        f"Counting all {summary['buildable']} built types, the {summary['buildable'] - n} without an attention "
+        "(convolutional, state-space, codec models: no blocks to name, so no default targets) included: "
+        + ", ".join(f"{x} {m[x]['after_all_buildable']} ({100 * m[x]['after_all_buildable'] / summary['buildable']:.0f}%)"
+                    for x in METHODS + (ALL_LINEAR,)) + ".",
+        "",
         "Transformer types where a default fails: " + ("; ".join(failing) if failing else "none") + ".",
         README_END,
     ])

@@ -189,10 +189,19 @@ def match_attention(projs: list[Proj], hidden: int, *, cross_ok: bool = True) ->
         before = [p for p in projs if p is not o and p.order < o.order]
         for rest in (before, [p for p in projs if p is not o]):
             found = _inputs_for(o, rest, hidden, cross_ok) if rest else None
-            if found is not None:
+            if found is not None and not _reads_inner_width(o, found, projs, hidden):
                 found["o"] = o
                 return found
     return None
+
+
+def _reads_inner_width(o: Proj, roles: dict[str, Proj], projs: list[Proj], hidden: int) -> bool:
+    """Another projection reads what feeds ``o``: a state-space mixer (Mamba's ``x_proj`` after its
+    packed ``in_proj``), not an attention, whose only reader of the mixed width is ``o``."""
+    if o.n_in == hidden:
+        return False
+    used = {p.path for p in roles.values()} | {o.path}
+    return any(p.n_in == o.n_in and p.path not in used and not _hinted(p.path, "down") for p in projs)
 
 
 def _inputs_for(o: Proj, rest: list[Proj], hidden: int, cross_ok: bool) -> Optional[dict[str, Proj]]:
@@ -396,8 +405,8 @@ def find_attentions(tree: ModuleTree, block: str, hidden: int) -> list[tuple[str
     containers.sort(key=lambda i: -tree.paths[i].count(".") if tree.paths[i] != block else 1)
     for i in containers:
         path = tree.paths[i]
-        if any(_is_under(path, f) for f, _ in found if f != block):
-            continue
+        if any(_is_under(path, f) for f, _ in found if f != block) or (path != block and _is_list(tree.modules[path])):
+            continue  # inside an attention already found; a list's items are never one attention
         if isinstance(tree.modules[path], nn.MultiheadAttention):
             roles = {"o": p for p in _projections(tree, tree.in_span(tree.projections, path))}
             found.append((path, roles))
@@ -410,8 +419,11 @@ def find_attentions(tree: ModuleTree, block: str, hidden: int) -> list[tuple[str
             roles = match_attention(projs, hidden)
             if roles is None:
                 break
-            if path != block and _smallest_holding(tree, [r.path for r in roles.values()], block) != path:
+            holder = _smallest_holding(tree, [r.path for r in roles.values()], block)
+            if path != block and holder != path:
                 break  # the projections reach outside this module: an enclosing one holds the attention
+            if _is_list(tree.modules[holder]):
+                break  # projections of different items of a list (FocalNet's layers): no attention
             if path == block and found and not _looks_like_attention(roles):
                 break
             found.append((path, roles))
