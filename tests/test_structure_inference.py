@@ -371,6 +371,36 @@ def test_models_without_blocks_stay_unmapped_with_one_warning():
         LoraModel(nn.Sequential(nn.Linear(4, 4)))
 
 
+class MambaLikeMixer(nn.Module):
+    """A state-space mixer: packed input projection, a scan, an output projection. Its shapes
+    could pass for a fused-qkv attention; ``x_proj`` reading the mixed width says otherwise."""
+
+    def __init__(self, width=16, inner=32):
+        super().__init__()
+        self.in_proj = nn.Linear(width, 2 * inner)
+        self.x_proj = nn.Linear(inner, 8)
+        self.out_proj = nn.Linear(inner, width)
+
+
+class MLPLayer(nn.Module):
+    def __init__(self, width=16):
+        super().__init__()
+        self.norm = nn.LayerNorm(width)
+        self.fc1, self.fc2 = nn.Linear(width, width), nn.Linear(width, width)
+
+
+def test_no_attention_is_found_in_state_space_or_mlp_only_models():
+    ssm = nn.Module()
+    ssm.layers = nn.ModuleList([nn.ModuleDict({"norm": nn.LayerNorm(16), "mixer": MambaLikeMixer()}) for _ in range(2)])
+    mlp_stages = nn.Module()  # projections of different list items never form one attention
+    mlp_stages.stages = nn.ModuleList([nn.ModuleDict({"layers": nn.ModuleList([MLPLayer(), MLPLayer()])})
+                                       for _ in range(2)])
+    for model in (ssm, mlp_stages):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UnmappedArchitectureWarning)
+            assert not structure_map(model).mapped
+
+
 def test_inference_is_fast_on_a_deep_model():
     model = TinyGPT(depth=48)
     structure_map(model)  # warm caches of imported modules

@@ -2,7 +2,9 @@
 
 ``structure_map(model)`` finds every transformers model inside ``model`` (the
 model itself or nested in a user's wrapper), looks its ``config.model_type`` up
-in :mod:`odelta_fast.structure.tables` and names its modules:
+in :mod:`odelta_fast.structure.tables`, infers the structure of everything no
+table covers (:mod:`odelta_fast.structure.inference`: other transformers models,
+plain PyTorch models) and names its modules:
 
 ================  ==========================================================
 ``block.<i>``     i-th transformer block
@@ -17,6 +19,8 @@ in :mod:`odelta_fast.structure.tables` and names its modules:
 Encoder-decoder models prefix block names with ``encoder.`` / ``decoder.``
 (``decoder.block.3.crossattn.q``); other models have no prefix
 (``block.3.attn.q``). The tables live in ``tables.py``, one per family.
+``StructureMap.sources`` says which mapped model came from a table and which was
+inferred; ``describe(model)`` prints the whole mapping.
 """
 
 from .mapping import HEAD_NAMES, StructureMap, UnmappedArchitectureWarning, describe, structure_map

@@ -4,10 +4,13 @@ No forward pass and no list of class names: the inference reads the module tree,
 types and the weight shapes.
 
 * **Blocks.** A transformer's blocks are the children of a ``ModuleList`` / ``Sequential`` whose
-  children hold an attention, where blocks of the same class repeat (or the list has one child).
-  The innermost such list wins (ALBERT's groups of layers, Swin's stages of blocks are flattened
-  into one numbering). A list whose blocks have cross-attention is a decoder and pairs with the
-  nearest list without it, the encoder (``encoder.`` / ``decoder.`` prefixes).
+  children hold an attention, where blocks with an attention repeat a class, or two hold an
+  attention and a feed-forward (hybrids of attention and linear-attention blocks), or the list has
+  one child; not T5's list of sub-layers. The innermost such list wins (ALBERT's groups of
+  layers, Swin's stages of blocks are flattened into one numbering). A list of bare attentions
+  with sibling lists of feed-forwards and norms of its length is one list of blocks spread over
+  them (XLM). A list whose blocks have cross-attention is a decoder and pairs with the nearest
+  list without it, the encoder (``encoder.`` / ``decoder.`` prefixes).
 * **Attention** inside a block: a projection back to the block width ``H`` (``o``) fed by either
   three projections from ``H`` (``q``, ``k``, ``v``: ``k`` and ``v`` of one width, dividing ``q``'s
   and ``o``'s input), one fused projection (``qkv``: ``o``'s input plus twice the key/value
@@ -17,9 +20,11 @@ types and the weight shapes.
   fused gate/up) feeding one ``I -> H`` projection (down). A module holding expert weights
   (a ``>= 3``-D parameter or a list of expert MLPs) is a mixture of experts: it is the ``ff``,
   with no single up or down projection to name.
-* **Norms**: leaf modules with one width-``H`` vector (LayerNorm, RMSNorm, ...). One inside an
-  attention or sharing a wrapper with it (post-norm BERT, T5's ``layer.N``) belongs to it; the
-  block-level rest go in definition order to attention, then feed-forward.
+* **Norms**: leaf modules with one width-``H`` vector (LayerNorm, RMSNorm, ...; not the
+  channel-first BatchNorm / GroupNorm). One inside an attention or sharing a wrapper with it
+  (post-norm BERT, T5's ``layer.N``) belongs to it; the block-level rest go to attention, then
+  feed-forward, in definition order unless their names tell (``input_layernorm`` /
+  ``post_attention_layernorm``); of four (Gemma's sandwich) the first and the third.
 
 Names decide only between candidates the shapes leave equal: which of three same-width
 projections is ``q``, ``k`` or ``v``, which of two gated branches is the gate, whether a norm
@@ -147,13 +152,11 @@ _FF_HINT = re.compile(r"(mlp|ffn|feed_?forward|ff$|intermediate|moe|experts?$)",
 
 
 def _hinted(path: str, role: str) -> bool:
-    name = path.rsplit(".", 1)[-1]
-    if role in ("o", "down") and name == "dense":
-        # BERT-style attention.output.dense / output.dense: the parent says "output"
-        return True
-    if name == "dense" and path.endswith("output.dense"):
+    """Whether the module's own name is one ``role`` goes by in some architecture."""
+    name = path.rsplit(".", 1)[-1].lower()
+    if name == "dense":  # BERT's attention.output.dense and output.dense, GPT-NeoX's attention.dense
         return role in ("o", "down")
-    return bool(_ROLE_HINTS[role].fullmatch(name.lower()))
+    return bool(_ROLE_HINTS[role].fullmatch(name))
 
 
 # --------------------------------------------------------------------------- projections
@@ -186,10 +189,19 @@ def match_attention(projs: list[Proj], hidden: int, *, cross_ok: bool = True) ->
         before = [p for p in projs if p is not o and p.order < o.order]
         for rest in (before, [p for p in projs if p is not o]):
             found = _inputs_for(o, rest, hidden, cross_ok) if rest else None
-            if found is not None:
+            if found is not None and not _reads_inner_width(o, found, projs, hidden):
                 found["o"] = o
                 return found
     return None
+
+
+def _reads_inner_width(o: Proj, roles: dict[str, Proj], projs: list[Proj], hidden: int) -> bool:
+    """Another projection reads what feeds ``o``: a state-space mixer (Mamba's ``x_proj`` after its
+    packed ``in_proj``), not an attention, whose only reader of the mixed width is ``o``."""
+    if o.n_in == hidden:
+        return False
+    used = {p.path for p in roles.values()} | {o.path}
+    return any(p.n_in == o.n_in and p.path not in used and not _hinted(p.path, "down") for p in projs)
 
 
 def _inputs_for(o: Proj, rest: list[Proj], hidden: int, cross_ok: bool) -> Optional[dict[str, Proj]]:
@@ -393,8 +405,8 @@ def find_attentions(tree: ModuleTree, block: str, hidden: int) -> list[tuple[str
     containers.sort(key=lambda i: -tree.paths[i].count(".") if tree.paths[i] != block else 1)
     for i in containers:
         path = tree.paths[i]
-        if any(_is_under(path, f) for f, _ in found if f != block):
-            continue
+        if any(_is_under(path, f) for f, _ in found if f != block) or (path != block and _is_list(tree.modules[path])):
+            continue  # inside an attention already found; a list's items are never one attention
         if isinstance(tree.modules[path], nn.MultiheadAttention):
             roles = {"o": p for p in _projections(tree, tree.in_span(tree.projections, path))}
             found.append((path, roles))
@@ -407,13 +419,18 @@ def find_attentions(tree: ModuleTree, block: str, hidden: int) -> list[tuple[str
             roles = match_attention(projs, hidden)
             if roles is None:
                 break
-            if path != block and _smallest_holding(tree, [r.path for r in roles.values()], block) != path:
+            holder = _smallest_holding(tree, [r.path for r in roles.values()], block)
+            if path != block and holder != path:
                 break  # the projections reach outside this module: an enclosing one holds the attention
+            if _is_list(tree.modules[holder]):
+                break  # projections of different items of a list (FocalNet's layers): no attention
             if path == block and found and not _looks_like_attention(roles):
                 break
             found.append((path, roles))
-            claimed.update(tree.paths[j] for j in tree.in_span(tree.projections, path)) if path != block \
-                else claimed.update(r.path for r in roles.values())
+            if path == block:
+                claimed.update(r.path for r in roles.values())
+            else:
+                claimed.update(tree.paths[j] for j in tree.in_span(tree.projections, path))
     found.sort(key=lambda item: min((r.order for r in item[1].values()), default=tree.index[item[0]]))
     return found
 
@@ -456,8 +473,8 @@ def analyse_block(tree: ModuleTree, block: str, hidden: Optional[int] = None) ->
         else:
             layout.has_cross = True
 
-    ff_module = _feed_forward(tree, block, hidden, claimed, put, layout)
-    _assign_norms(tree, block, hidden, names, claimed, ff_module, put)
+    _feed_forward(tree, block, hidden, claimed, put, layout)
+    _assign_norms(tree, block, hidden, names, put)
     layout.names = {_relative(p, block): n for p, n in names.items()}
     return layout
 
@@ -499,31 +516,28 @@ def _split_self_and_cross(attentions, hidden):
     return attentions[0], attentions[1]
 
 
-def _feed_forward(tree: ModuleTree, block: str, hidden: int, claimed: set[str], put, layout) -> Optional[str]:
-    """Names the feed-forward; returns its module path (or None when it has no module of its own)."""
+def _feed_forward(tree: ModuleTree, block: str, hidden: int, claimed: set[str], put, layout: BlockLayout) -> None:
+    """Names the feed-forward among what the attentions left (``claimed``)."""
     # A child holding expert weights is a mixture of experts: the FF module, no w1/w2 inside.
     for child in _leafward_children(tree, block, claimed):
         if _expert_holder(tree, child, hidden):
             path = _widen(tree, child, block)
             put(path, "ff")
             claimed.update(tree.paths[j] for j in tree.span(path))
-            return path
+            return
     projs = [p for p in _projections(tree, tree.in_span(tree.projections, block)) if p.path not in claimed]
     roles = match_feed_forward(projs, hidden)
     if roles is None:
-        return None
+        return
     holder = _smallest_holding(tree, [roles[r].path for r in ("w1", "w2", "gate") if r in roles], block)
-    ff_path = None
-    if holder != block:
-        ff_path = _widen(tree, holder, block)
-        put(ff_path, "ff")
+    if holder != block:  # BERT's intermediate / output and flat blocks have no FF module
+        put(_widen(tree, holder, block), "ff")
     for role in ("gate", "w1", "w2"):
         if role in roles:
             put(roles[role].path, f"ff.{role}")
     if "fused" in roles:
         layout.fused.add("ff.w1")
     claimed.update(roles[r].path for r in ("w1", "w2", "gate") if r in roles)
-    return ff_path if ff_path is not None else _smallest_holding(tree, [roles["w2"].path], block)
 
 
 def _leafward_children(tree: ModuleTree, block: str, claimed: set[str]) -> list[str]:
@@ -541,8 +555,8 @@ def _leafward_children(tree: ModuleTree, block: str, claimed: set[str]) -> list[
     return out
 
 
-def _assign_norms(tree: ModuleTree, block: str, hidden: int, names: dict[str, str], claimed: set[str],
-                  ff_module: Optional[str], put) -> None:
+def _assign_norms(tree: ModuleTree, block: str, hidden: int, names: dict[str, str], put) -> None:
+    """Names the norms of the sub-layers already in ``names`` (see the module docstring)."""
     owners = {}
     for prefix in ("attn", "crossattn"):
         module = next((p for p, n in names.items() if n == prefix), None)

@@ -107,8 +107,12 @@ class StructureMap:
         for root, model_type in self.roots.items():
             where = f"'{root}'" if root else "the model itself"
             lines.append(f"{model_type} at {where}: {self.sources[root]}")
-            own = [(raw, name) for raw, name in self._to_common.items() if _owned_by(raw, root, self.roots)]
+            own = [(raw, name) for raw, name in self._to_common.items() if _owner(raw, self.roots) == root]
             lines.extend(_fold_blocks(own))
+        outside = [(raw, name) for raw, name in self._to_common.items() if _owner(raw, self.roots) is None]
+        if outside:  # the output head of a model whose mapped parts are nested in it (a VLM's lm_head)
+            lines.append("outside those:")
+            lines.extend(_fold_blocks(outside))
         if self.output_head_paths():
             lines.append(f"output heads (never selected by all-linear): {', '.join(sorted(self._heads_roots()))}")
         return "\n".join(lines)
@@ -156,7 +160,7 @@ def structure_map(model: nn.Module, *, use_tables: bool = True) -> StructureMap:
             if name == "attn.qkv" or name.endswith(".attn.qkv"):
                 fused.add("attn.qkv")
 
-    _infer(model, modules, hf_models, to_common, heads, roots, sources, fused)
+    _infer(modules, hf_models, to_common, heads, roots, sources, fused)
 
     for path, hf in hf_models:
         if any(_is_under(path, root) or _is_under(root, path) for root in roots):
@@ -176,7 +180,10 @@ def describe(model: nn.Module) -> str:
     return structure_map(model).describe()
 
 
-def _infer(model, modules, hf_models, to_common, heads, roots, sources, fused) -> None:
+def _infer(modules, hf_models, to_common, heads, roots, sources, fused) -> None:
+    """Infer the structure of everything the tables left, adding to the maps in place."""
+    if "" in roots:
+        return  # a table covers the whole model
     tree = inference.ModuleTree(modules)
     taken = list(roots)
     stacks = inference.find_stacks(tree, excluded=taken)
@@ -192,12 +199,7 @@ def _infer(model, modules, hf_models, to_common, heads, roots, sources, fused) -
         for raw, name in root.names.items():
             to_common.setdefault(raw, name)
         fused |= root.fused
-        model_type = getattr(config, "model_type", None) if owner and owner[0] == root.path else None
-        if model_type is None:
-            model_type = getattr(config, "model_type", None) if owner else None
-            model_type = f"{model_type}:{type(modules[root.path]).__name__}" if model_type else \
-                type(modules[root.path]).__name__
-        roots[root.path] = model_type
+        roots[root.path] = _label(root.path, owner, config, modules)
         sources[root.path] = INFERRED
         if owner is None:
             root_heads, lm_head = inference.plain_heads(tree, root)
@@ -214,6 +216,15 @@ def _infer(model, modules, hf_models, to_common, heads, roots, sources, fused) -
             lm_head = _lm_head(head_roots, modules)
             if lm_head is not None:
                 to_common.setdefault(lm_head, "lm_head")
+
+
+def _label(path: str, owner, config, modules) -> str:
+    """``model_type`` of the transformers model an inferred root is (``llava:CLIPVisionModel`` for
+    a part of one); the class name for a model that is not from transformers."""
+    model_type = getattr(config, "model_type", None)
+    if owner is None or not isinstance(model_type, str):
+        return type(modules[path]).__name__
+    return model_type if owner[0] == path else f"{model_type}:{type(modules[path]).__name__}"
 
 
 def _outermost_hf(path: str, hf_models, taken: list[str]):
@@ -234,11 +245,10 @@ def _vocab_size(config) -> int | None:
     return value if isinstance(value, int) else None
 
 
-def _owned_by(raw: str, root: str, roots: dict[str, str]) -> bool:
-    """``raw`` belongs to ``root`` and to no more deeply nested mapped root."""
-    if not _is_under(raw, root):
-        return raw == "lm_head" or not any(_is_under(raw, r) for r in roots) and root == next(iter(roots))
-    return not any(r != root and len(r) > len(root) and _is_under(r, root) and _is_under(raw, r) for r in roots)
+def _owner(raw: str, roots: dict[str, str]) -> str | None:
+    """The most deeply nested mapped root holding ``raw``."""
+    holding = [r for r in roots if _is_under(raw, r)]
+    return max(holding, key=lambda r: (r != "", len(r))) if holding else None
 
 
 _BLOCK_NAME = re.compile(r"^((?:encoder\.|decoder\.)?block)\.(\d+)(?:\.(.*))?$")
