@@ -47,7 +47,10 @@ KNOWN_LORA_KEYS = {
 }
 # Features that change the math: loading them as plain LoRA would give wrong outputs.
 UNSUPPORTED_WHEN_SET = {"use_dora": "DoRA", "lora_bias": "LoRA bias terms", "use_qalora": "QALoRA",
-                        "layer_replication": "layer replication", "target_parameters": "parameter targeting"}
+                        "layer_replication": "layer replication", "target_parameters": "parameter targeting",
+                        "kasa_config": "KaSA", "monteclora_config": "MonteCLoRA", "arrow_config": "Arrow routing",
+                        "use_bdlora": "block-diagonal LoRA", "alora_invocation_tokens": "activated LoRA (aLoRA)",
+                        "trainable_token_indices": "trainable tokens"}
 
 _TASK_TYPES = (("ForCausalLM", "CAUSAL_LM"), ("ForSequenceClassification", "SEQ_CLS"),
                ("ForConditionalGeneration", "SEQ_2_SEQ_LM"), ("ForSeq2SeqLM", "SEQ_2_SEQ_LM"),

@@ -101,6 +101,15 @@ def test_unsupported_peft_types_and_features_raise_clearly(tmp_path):
     (tmp_path / "dora" / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "use_dora": True}))
     with pytest.raises(CheckpointError, match="DoRA"):
         LoraModel.from_peft(str(tmp_path / "dora"), model)
+    # LoRA variants whose forward is not plain LoRA's: loading their factors as plain LoRA would be wrong
+    for key, value, feature in [("kasa_config", {"r": 4}, "KaSA"), ("alora_invocation_tokens", [5, 6], "aLoRA"),
+                                ("arrow_config", {"top_k": 2}, "Arrow"), ("use_bdlora", {"nblocks": 2}, "block-diagonal"),
+                                ("monteclora_config", {"num_samples": 2}, "MonteCLoRA"),
+                                ("trainable_token_indices", [0, 1], "trainable tokens")]:
+        (tmp_path / key).mkdir()
+        (tmp_path / key / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", key: value}))
+        with pytest.raises(CheckpointError, match=feature):
+            LoraModel.from_peft(str(tmp_path / key), model)
     assert routed_modules(model) == []
 
 
