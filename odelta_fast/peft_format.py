@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .addressing import pattern_value
+from .addressing import backbone_modules, pattern_value
 from .checkpoint import CheckpointError, atomic_write, read_json, read_safetensors, save_tensors
 
 logger = logging.getLogger("odelta_fast")
@@ -67,6 +67,8 @@ def is_peft_checkpoint(path: str | os.PathLike) -> bool:
         return False
 
 
+ANCHORED = "[r]^"  # an addressing spec matching one whole path: ANCHORED + re.escape(path)
+
 # Heads PEFT adds to ``modules_to_save`` by itself for these task types, and then expects in the
 # adapter file (a SEQ_CLS adapter without them makes PeftModel.from_pretrained raise KeyError).
 _TASK_HEADS = {"SEQ_CLS": ("classifier", "score"), "TOKEN_CLS": ("classifier", "score"),
@@ -87,6 +89,27 @@ def _task_type(model: nn.Module):
     return next((task for suffix, task in _TASK_TYPES if name.endswith(suffix)), None)
 
 
+def exact_path_spec(path: str) -> str:
+    """The addressing spec that selects the module at ``path`` and nothing else."""
+    return ANCHORED + re.escape(path)
+
+
+def _exact_pattern(path: str) -> str:
+    # PEFT reads rank_pattern / alpha_pattern keys as regexes on the end of module names (so does
+    # ``pattern_value``); the caret keeps ``lin0`` from also naming ``block.lin0``.
+    return "^" + re.escape(path)
+
+
+def _peft_target_modules(backbone: nn.Module, paths: list[str]):
+    """``target_modules`` that PEFT reads as exactly ``paths``: the list of them (PEFT matches a
+    list entry against whole names and their dotted tails), unless one is also the tail of another
+    module's name here; then a regex, which PEFT matches against whole names."""
+    wanted = set(paths)
+    if any(path not in wanted and any(path.endswith("." + p) for p in wanted) for path, _ in backbone_modules(backbone)):
+        return "|".join(re.escape(p) for p in sorted(wanted))
+    return sorted(wanted)
+
+
 def save_peft(delta, path: str | os.PathLike) -> str:
     """Write a LoRA delta (a ``LoraModel``) in PEFT's layout: weights first, then the config that
     makes the directory a checkpoint."""
@@ -97,11 +120,10 @@ def save_peft(delta, path: str | os.PathLike) -> str:
     for slot in delta.slots:
         tensors[f"{PREFIX}{slot.path}.lora_A.weight"] = slot.delta.lora_A
         tensors[f"{PREFIX}{slot.path}.lora_B.weight"] = slot.delta.lora_B
-        # Anchored full paths: PEFT matches patterns against the end of the module name.
         if slot.delta.r != delta.lora_r:
-            rank_pattern[re.escape(slot.path)] = slot.delta.r
+            rank_pattern[_exact_pattern(slot.path)] = slot.delta.r
         if slot.delta.alpha != delta.lora_alpha:
-            alpha_pattern[re.escape(slot.path)] = slot.delta.alpha
+            alpha_pattern[_exact_pattern(slot.path)] = slot.delta.alpha
     backbone = delta.backbone_model
     task_type = _task_type(backbone)
     # The head PEFT would train for this task goes in too (its current values when this delta did
@@ -123,7 +145,7 @@ def save_peft(delta, path: str | os.PathLike) -> str:
         "r": delta.lora_r,
         "lora_alpha": delta.lora_alpha,
         "lora_dropout": delta.lora_dropout,
-        "target_modules": sorted(slot.path for slot in delta.slots),
+        "target_modules": _peft_target_modules(backbone, [slot.path for slot in delta.slots]),
         "fan_in_fan_out": any(slot.delta.fan_in_fan_out for slot in delta.slots),
         "bias": "none",
         "use_rslora": delta.use_rslora,
@@ -201,13 +223,18 @@ def read_peft_adapter(path: str | os.PathLike) -> PeftAdapter:
     rank_default = int(config.get("r", 8))
     alpha_default = config.get("lora_alpha", 8)
     # Per-module ranks come from the tensors; alphas from PEFT's pattern rules.
-    rank_pattern = {re.escape(p): int(f["A"].shape[0]) for p, f in factors.items() if f["A"].shape[0] != rank_default}
-    alpha_pattern = {re.escape(p): pattern_value(config.get("alpha_pattern") or {}, p, alpha_default)
+    # Exact paths throughout: a module whose name is the tail of another's (``lin0``, ``block.lin0``)
+    # must not pull the other in.
+    rank_pattern = {_exact_pattern(p): int(f["A"].shape[0]) for p, f in factors.items()
+                    if f["A"].shape[0] != rank_default}
+    alpha_pattern = {_exact_pattern(p): pattern_value(config.get("alpha_pattern") or {}, p, alpha_default)
                      for p in factors}
     alpha_pattern = {k: v for k, v in alpha_pattern.items() if v != alpha_default}
-    unfrozen = ["deltas", *sorted({name.rsplit(".", 1)[0] for name in extra})]
+    unfrozen = ["deltas", *(exact_path_spec(m) for m in sorted({name.rsplit(".", 1)[0] for name in extra}))]
     kwargs = dict(lora_r=rank_default, lora_alpha=alpha_default, lora_dropout=config.get("lora_dropout", 0.0),
-                  modified_modules=sorted(factors), common_structure=False, exclude_modules=[],
+                  modified_modules=[exact_path_spec(p) for p in sorted(factors)], common_structure=False,
+                  exclude_modules=[],
                   unfrozen_modules=unfrozen, use_rslora=bool(config.get("use_rslora", False)),
                   rank_pattern=rank_pattern, alpha_pattern=alpha_pattern)
     return PeftAdapter(kwargs, factors, extra, str(weights))
+
