@@ -5,7 +5,9 @@ Rules (kept from OpenDelta, with its regex and exclude bugs fixed):
 * a plain spec matches a module whose dotted path ends with it on whole segments
   (``"output.dense"`` matches ``encoder.layer.3.output.dense``; ``"ense"`` matches nothing);
 * ``"[r]<pattern>"`` is a regular expression that must match a whole trailing run of segments
-  (``re.fullmatch`` against every suffix, so ``[r]attn`` matches ``a.attn.b.attn``);
+  (``re.fullmatch`` against every suffix, so ``[r]attn`` matches ``a.attn.b.attn``); a pattern
+  starting with ``^`` must match the whole path from its start, as OpenDelta's ``re.search``
+  reads it (``[r]^encoder\\..*\\.q`` does not select ``model.encoder.block.0.q``);
 * raw names first, as in OpenDelta: a spec is tried against the raw paths; where the structure
   is known, a spec that selects no raw module is tried against the common-structure paths
   (``block.3.attn.q``) if it is dotted or a regex (``"attn.q"`` works on every mapped model), or if
@@ -178,6 +180,8 @@ class Spec:
             return False
         if self.regex is None:
             return path == self.target or path.endswith("." + self.target)
+        if self.target.startswith("^"):
+            return self.regex.fullmatch(path) is not None
         segments = path.split(".")
         return any(self.regex.fullmatch(".".join(segments[i:])) for i in range(len(segments)))
 

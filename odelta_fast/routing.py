@@ -11,7 +11,8 @@ matching hooks of ``RouteHooks`` (below), the protocol this dispatcher speaks:
 * ``"replace"``: computes the module's whole output itself (LoRA: base matmul plus the low-rank
   update in one op). It receives the original forward for anything it does not handle. If
   several replace-deltas sit on one module, the first computes the output and the others add
-  their ``parallel`` contribution.
+  their ``parallel`` contribution, unless the first ``absorbs`` them (computes their part in its
+  own pass: the prefixes of several prefix deltas go into one attention call).
 * ``"parallel"``: ``output + delta.parallel(module, args, kwargs)``.
 * ``"sequential"``: ``delta.post(module, args, kwargs, output)`` after the module.
 * ``"pre"``: ``args, kwargs = delta.pre(module, args, kwargs)`` before the module.
@@ -68,6 +69,11 @@ class RouteHooks(nn.Module):
     def replace(self, target: nn.Module, original: Callable, args: tuple, kwargs: dict, extra_bias=None) -> Any:
         """"replace": the module's whole output; ``original`` is its own forward."""
         raise NotImplementedError(f"{type(self).__name__} has route_kind 'replace' but no replace()")
+
+    def absorbs(self, other: "RouteHooks") -> bool:
+        """"replace": whether this delta, computing the output, also applies ``other`` (another
+        replace-delta on the same module), which then adds nothing of its own."""
+        return False
 
     def parallel(self, target: nn.Module, args: tuple, kwargs: dict) -> torch.Tensor:
         """"parallel" (and a second "replace" on one module): a tensor added to the hidden states."""
@@ -167,7 +173,7 @@ def _routed_forward(module: nn.Module, *args, **kwargs):
     else:
         output = original(*args, **kwargs)
     for delta in route_list:
-        if not delta.route_active or delta is primary:
+        if not delta.route_active or delta is primary or (primary is not None and primary.absorbs(delta)):
             continue
         if delta.route_kind in ("parallel", "replace"):
             extra = delta.parallel(module, args, kwargs)

@@ -62,6 +62,20 @@ def test_examples_from_the_rules():
     assert Spec.parse(r"[r]\d+").matches_path("block.1.layer.0")
 
 
+@given(path=paths, spec=paths)
+def test_a_caret_anchors_the_regex_at_the_start_of_the_path(path, spec):
+    # OpenDelta searched the pattern in the whole name, so "^" meant the start of the path.
+    assert Spec.parse("[r]^" + re.escape(spec)).matches_path(path) == (path == spec)
+    below = Spec.parse("[r]^" + re.escape(spec) + r"(\..+)?")
+    assert below.matches_path(path) == (path == spec or path.startswith(spec + "."))
+
+
+def test_anchored_regex_examples():
+    assert Spec.parse(r"[r]^encoder\..*\.q").matches_path("encoder.block.0.q")
+    assert not Spec.parse(r"[r]^encoder\..*\.q").matches_path("model.encoder.block.0.q")
+    assert Spec.parse(r"[r]encoder\..*\.q").matches_path("model.encoder.block.0.q")  # unanchored: any tail
+
+
 def test_bad_regex_is_a_clear_error():
     with pytest.raises(ValueError, match="invalid regular expression"):
         Spec.parse("[r](unclosed")

@@ -101,6 +101,15 @@ def test_unsupported_peft_types_and_features_raise_clearly(tmp_path):
     (tmp_path / "bias" / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "lora_bias": True}))
     with pytest.raises(CheckpointError, match="LoRA bias terms"):
         LoraModel.from_peft(str(tmp_path / "bias"), model)
+    # LoRA variants whose forward is not plain LoRA's: loading their factors as plain LoRA would be wrong
+    for key, value, feature in [("kasa_config", {"r": 4}, "KaSA"), ("alora_invocation_tokens", [5, 6], "aLoRA"),
+                                ("arrow_config", {"top_k": 2}, "Arrow"), ("use_bdlora", {"nblocks": 2}, "block-diagonal"),
+                                ("monteclora_config", {"num_samples": 2}, "MonteCLoRA"),
+                                ("trainable_token_indices", [0, 1], "trainable tokens")]:
+        (tmp_path / key).mkdir()
+        (tmp_path / key / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", key: value}))
+        with pytest.raises(CheckpointError, match=feature):
+            LoraModel.from_peft(str(tmp_path / key), model)
     assert routed_modules(model) == []
 
 
@@ -129,3 +138,34 @@ def test_non_lora_delta_cannot_be_saved_as_peft(tmp_path):
     model, _ = tiny_model("llama")
     with pytest.raises(ValueError, match="LoRA deltas only"):
         AdapterModel(model).save_finetuned(str(tmp_path), format="peft")
+
+
+def test_checkpoints_name_exactly_the_modules_when_one_name_is_the_tail_of_another(tmp_path):
+    """``lin0`` and ``block.lin0``: a PEFT adapter on the first (a regex target: whole names) loads
+    onto the first only, and ours saved in PEFT's layout makes PEFT adapt exactly our modules, with
+    per-module ranks that do not leak to the other."""
+    from torch import nn
+
+    def nested():
+        torch.manual_seed(0)
+        model = nn.Module()
+        model.lin0, model.block = nn.Linear(6, 6), nn.Module()
+        model.block.lin0 = nn.Linear(6, 6)
+        return model
+
+    peft_model = peft.get_peft_model(nested(), peft.LoraConfig(r=2, target_modules="lin0", init_lora_weights=False))
+    peft_model.save_pretrained(str(tmp_path / "peft"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        delta = LoraModel.from_peft(str(tmp_path / "peft"), nested())
+    assert [slot.path for slot in delta.slots] == ["lin0"]
+
+    model = nested()
+    ours = LoraModel(model, lora_r=4, modified_modules=["lin0"], rank_pattern={"^block\\.lin0$": 2})
+    assert [(s.path, s.delta.r) for s in ours.slots] == [("lin0", 4), ("block.lin0", 2)]
+    only_top = LoraModel(nested(), lora_r=2, modified_modules=["[r]^lin0"])
+    for delta, name in ((ours, "both"), (only_top, "top")):
+        delta.save_finetuned(str(tmp_path / name), format="peft")
+        reloaded = peft.PeftModel.from_pretrained(nested(), str(tmp_path / name))
+        layers = {p: m.r["default"] for p, m in reloaded.base_model.model.named_modules() if hasattr(m, "lora_A")}
+        assert layers == {s.path: s.delta.r for s in delta.slots}

@@ -314,9 +314,50 @@ def test_prefix_rejects_unsupported_modules():
     with pytest.raises(TypeError, match="Linear"):
         PrefixModel(model, modified_modules=["attn.q"], common_structure=True)
     assert not any("prefix" in name for name, _ in model.named_modules()), "a failed build leaves no trace"
-    PrefixModel(model, prefix_token_num=2, embed_dim=8, mid_dim=8)
-    with pytest.raises(ValueError, match="already carries a delta"):
+    # Another kind of delta replacing the attention's forward cannot be combined with a prefix.
+    from odelta_fast import routing
+    from odelta_fast.delta import DeltaModule
+
+    class Replacing(DeltaModule):
+        route_kind = "replace"
+
+        def replace(self, target, original, args, kwargs, extra_bias=None):
+            return original(*args, **kwargs)
+
+    routing.attach(model.model.layers[0].self_attn, "replacing", Replacing())
+    with pytest.raises(ValueError, match="already carries a delta that replaces its forward .Replacing."):
         PrefixModel(model, prefix_token_num=2, embed_dim=8, mid_dim=8)
+
+
+@pytest.mark.parametrize("reparameterize", [False, True])
+@pytest.mark.parametrize("model_type", ["bert", "llama", "t5"])
+def test_two_prefix_deltas_on_one_attention_put_their_prefixes_side_by_side(model_type, reparameterize):
+    """OpenDelta's user_defined.py loads a prefix delta again onto modules that carry one: both
+    prefixes apply, as one prefix of both lengths would, and detaching one leaves the other."""
+    model, inputs = tiny_model(model_type)
+    first = _prefix(model, reparameterize=reparameterize, prefix_token_num=2, name="first")
+    second = _prefix(model, reparameterize=reparameterize, prefix_token_num=3, name="second")
+    torch.manual_seed(0)
+    for p in [*first.parameters(), *second.parameters()]:
+        nn.init.normal_(p, std=0.5)
+    both = _logits(model, inputs)
+
+    def reference(*deltas):
+        plain, _ = tiny_model(model_type)
+        joint = _prefix(plain, reparameterize=False, prefix_token_num=sum(d.prefix_token_num for d in deltas))
+        layers = [[s.delta for s in d.slots if hasattr(s.delta, "layout")] for d in deltas]
+        with torch.no_grad():
+            for slot, parts in zip([s for s in joint.slots], zip(*layers)):
+                pairs = [part.prefix() for part in parts]
+                slot.delta.prefix_keys.copy_(torch.cat([k for k, _ in pairs], dim=-2))
+                slot.delta.prefix_values.copy_(torch.cat([v for _, v in pairs], dim=-2))
+        return _logits(plain, inputs)
+
+    torch.testing.assert_close(both, reference(first, second), rtol=1e-5, atol=1e-5)
+    first.detach()
+    torch.testing.assert_close(_logits(model, inputs), reference(second), rtol=1e-5, atol=1e-5)
+    first.attach()
+    torch.testing.assert_close(_logits(model, inputs), both, rtol=1e-5, atol=1e-5)
 
 
 # ---------------------------------------------------------------------- soft prompt

@@ -49,10 +49,10 @@ def test_default_targets_attach_train_and_detach(model_type):
 
     if model_type in MODEL_TYPES:  # a table type passed the oracle check and worked before too
         assert result.source == "table"
-        assert all(result.before[m].ok for m in coverage.METHODS)
+        assert all(result.passed_before(m) for m in coverage.METHODS)
     else:
         assert "inferred" in result.source
-        assert not any(result.before[m].ok for m in coverage.METHODS) or result.source == "inferred+table"
+        assert not any(result.passed_before(m) for m in coverage.METHODS) or result.source == "inferred+table"
 
 
 def test_committed_table_is_fresh_and_meets_the_target():

@@ -431,6 +431,32 @@ class LoraModel(DeltaBase):
         return delta
 
     @classmethod
+    def from_peft_config(cls, backbone_model: nn.Module, peft_config, **overrides) -> "LoraModel":
+        """A fresh LoRA on the modules PEFT's ``get_peft_model(backbone_model, peft_config)`` would
+        adapt, with its rank, alpha, dropout, rsLoRA, rank / alpha patterns, modules to save and
+        initialisation (``True``: A Kaiming-uniform, B zero; ``"gaussian"``: A normal with std
+        ``1/r``; ``False``: B Kaiming-uniform too). ``peft_config`` is a ``peft.LoraConfig`` or its
+        dict; PEFT's matching rules are in ``odelta_fast.peft_format``. What PEFT refuses, or what
+        plain LoRA on Linear / Conv1D cannot reproduce, raises ``ValueError``."""
+        values = peft_format.peft_config_dict(peft_config)
+        delta = cls(backbone_model, **{**peft_format.lora_kwargs_from_peft_config(backbone_model, values, cls.supported_types()),
+                                        **overrides})
+        init = values.get("init_lora_weights", True)
+        with torch.no_grad():
+            for slot in delta.slots:
+                if isinstance(slot.delta, LoraEmbeddingDelta):
+                    # PEFT starts an embedding's A at zero for True and "gaussian"; False leaves both normal.
+                    if init is False:
+                        nn.init.normal_(slot.delta.lora_A)
+                elif not hasattr(slot.delta, "lora_B"):
+                    continue  # expert stacks (target_parameters) keep PEFT's default initialisation
+                elif init == "gaussian":
+                    nn.init.normal_(slot.delta.lora_A, std=1 / slot.delta.r)
+                elif init is False:
+                    nn.init.kaiming_uniform_(slot.delta.lora_B, a=math.sqrt(5))
+        return delta
+
+    @classmethod
     def from_peft(cls, path: str, backbone_model: nn.Module, **overrides) -> "LoraModel":
         """Load a LoRA checkpoint saved by PEFT (``adapter_config.json`` + ``adapter_model.safetensors``);
         any mismatch raises ``CheckpointError`` and leaves the backbone as it was."""

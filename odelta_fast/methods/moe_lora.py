@@ -38,6 +38,7 @@ from ..addressing import Spec, TargetNotFoundError, backbone_modules, closest_ca
 from ..checkpoint import CheckpointError
 from ..delta import DeltaModule
 from ..ops import experts_lora as xl
+from ..peft_format import exact_path_pattern, exact_path_spec
 from ..routing import routes
 
 _ROUTED_ARGS = ("hidden_states", "top_k_index", "top_k_weights")
@@ -396,9 +397,9 @@ def split_peft_adapter(adapter, backbone: nn.Module):
         warnings.warn(f"{adapter.source}: square expert projections {ambiguous[:4]} and no peft_version: read as "
                       "written by PEFT >= 0.19.1 (lora_A on the projection's input)", UserWarning, stacklevel=3)
     for raw in out.raw_paths:
-        rank_pattern.pop(re.escape(raw), None)
-        alpha_pattern.pop(re.escape(raw), None)
-    kwargs.update(modified_modules=sorted(factors), target_parameters=out.parameters,
+        rank_pattern.pop(exact_path_pattern(raw), None)
+        alpha_pattern.pop(exact_path_pattern(raw), None)
+    kwargs.update(modified_modules=[exact_path_spec(p) for p in sorted(factors)], target_parameters=out.parameters,
                   rank_pattern=rank_pattern, alpha_pattern=alpha_pattern)
     remaining = type(adapter)(**{**adapter.__dict__, "lora_kwargs": kwargs, "factors": factors})
     return remaining, out

@@ -43,7 +43,9 @@ Limits
   and other cache-less attention modules are rejected at construction, naming the class.
 * ``flex_attention`` (block masks) is not supported; T5 with a static cache is not supported.
 * Returned attention weights (``output_attentions=True``) include the prefix columns.
-* Two deltas that both replace the same attention module cannot be combined.
+* Several prefix deltas on one attention module put their prefixes side by side (the first attached
+  runs the attention with all of them); another delta that replaces the attention module's forward
+  cannot be combined with a prefix.
 """
 from __future__ import annotations
 
@@ -279,6 +281,22 @@ class PrefixDelta(DeltaModule):
                     return True
         return False
 
+    def absorbs(self, other) -> bool:
+        return isinstance(other, PrefixDelta)
+
+    def prefixes_on(self, target: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        """The keys and values of every active prefix delta on ``target``, side by side in
+        attach order: (kv_heads, total prefix length, head_dim)."""
+        peers = [d for d in routing.routes(target) if isinstance(d, PrefixDelta) and d.route_active]
+        if len(peers) == 1:
+            return self.prefix()
+        pairs = [peer.prefix() for peer in peers]
+        shapes = {(k.shape[0], k.shape[-1]) for k, _ in pairs}
+        if len(shapes) > 1:
+            raise RuntimeError(f"the prefix deltas on {self.target_name} disagree on (key/value heads, head size): "
+                               f"{sorted(shapes)}")
+        return torch.cat([k for k, _ in pairs], dim=-2), torch.cat([v for _, v in pairs], dim=-2)
+
     def prefix(self) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.reparameterized:
             return self.prefix_keys, self.prefix_values
@@ -309,15 +327,15 @@ class PrefixDelta(DeltaModule):
                     cache = kwargs.pop(alias)
                     break
         inner = getattr(cache, "self_attention_cache", cache) if hasattr(cache, "cross_attention_cache") else cache
-        n = self.prefix_token_num
         state = self.state
-        keys, values = self.prefix()
+        keys, values = self.prefixes_on(target)
+        n = keys.shape[-2]
         kwargs[self.cache_arg] = _PrefixedCache(inner, keys, values)
 
         if self.mask_arg is not None:
             mask = kwargs.get(self.mask_arg)
             if mask is None:
-                mask = self._implicit_mask(kwargs, inner, q_len, hidden.device)
+                mask = self._implicit_mask(kwargs, inner, q_len, hidden.device, n)
             elif not isinstance(mask, torch.Tensor):
                 raise NotImplementedError(
                     f"PrefixModel cannot extend a {type(mask).__name__} attention mask ({self.target_name}); "
@@ -340,7 +358,7 @@ class PrefixDelta(DeltaModule):
             output = (output[0], unprefixed_bias) + tuple(output[2:])
         return output
 
-    def _implicit_mask(self, kwargs, inner, q_len: int, device) -> Optional[torch.Tensor]:
+    def _implicit_mask(self, kwargs, inner, q_len: int, device, n: int) -> Optional[torch.Tensor]:
         config = getattr(self.config_source, "config", None)
         impl = getattr(config, "_attn_implementation", None) or "eager"
         if "flex" in impl:
@@ -358,7 +376,7 @@ class PrefixDelta(DeltaModule):
         rows = torch.arange(q_len, device=device).unsqueeze(1) + past
         cols = torch.arange(past + q_len, device=device).unsqueeze(0)
         real = cols <= rows
-        prefix = torch.ones((q_len, self.prefix_token_num), dtype=torch.bool, device=device)
+        prefix = torch.ones((q_len, n), dtype=torch.bool, device=device)
         return torch.cat([prefix, real], dim=-1)[None, None]
 
     def _layer_idx(self) -> int:
@@ -492,7 +510,8 @@ class PrefixModel(DeltaBase):
 
     def _check_target(self, path: str, module: nn.Module) -> None:
         where = f"{type(module).__name__} at {path!r}"
-        taken = [d for d in routing.routes(module) if d.route_kind == "replace"]
+        # Another prefix delta there is fine: the prefixes go side by side into one attention call.
+        taken = [d for d in routing.routes(module) if d.route_kind == "replace" and not isinstance(d, PrefixDelta)]
         if taken:
             raise ValueError(f"{where} already carries a delta that replaces its forward ({type(taken[0]).__name__}); "
                              "PrefixModel cannot share it")
