@@ -29,13 +29,24 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_ms(fn: Callable[[], object], device: torch.device, *, reps: int = 50, warmup: int = 5) -> dict:
-    """Median (and 20th / 80th percentile) milliseconds per call of ``fn``."""
+def time_ms(fn: Callable[[], object], device: torch.device, *, reps: int = 50, warmup: int = 5,
+            graph: bool = False) -> dict:
+    """Median (and 20th / 80th percentile) milliseconds per call of ``fn``. ``graph``: replay ``fn``
+    from a CUDA graph, for kernels of a few microseconds whose launch overhead would otherwise be
+    what is measured (falls back to plain launches if ``fn`` cannot be captured)."""
     if device.type == "cuda":
-        from triton.testing import do_bench
+        from triton.testing import do_bench, do_bench_cudagraph
 
+        if graph:
+            try:
+                fn()  # compile and autotune outside the capture
+                torch.cuda.synchronize(device)
+                p50, p20, p80 = do_bench_cudagraph(fn, rep=max(reps, 100), quantiles=[0.5, 0.2, 0.8])
+                return {"ms": p50, "ms_p20": p20, "ms_p80": p80, "timer": "cudagraph"}
+            except Exception as err:  # noqa: BLE001 - not capturable: time plain launches
+                print(f"  (CUDA graph capture failed: {type(err).__name__}; timing plain launches)")
         p50, p20, p80 = do_bench(fn, warmup=25, rep=max(reps, 100), quantiles=[0.5, 0.2, 0.8])
-        return {"ms": p50, "ms_p20": p20, "ms_p80": p80}
+        return {"ms": p50, "ms_p20": p20, "ms_p80": p80, "timer": "do_bench"}
     for _ in range(warmup):
         fn()
     samples = []
@@ -45,7 +56,32 @@ def time_ms(fn: Callable[[], object], device: torch.device, *, reps: int = 50, w
         samples.append((time.perf_counter() - start) * 1e3)
     samples.sort()
     return {"ms": statistics.median(samples), "ms_p20": samples[len(samples) // 5],
-            "ms_p80": samples[(4 * len(samples)) // 5]}
+            "ms_p80": samples[(4 * len(samples)) // 5], "timer": "wall"}
+
+
+def check_output(got, want, dtype: torch.dtype) -> dict:
+    """Whether a provider's result (a tensor or a sequence of tensors) matches the reference's at
+    the benchmark shape, before its time is taken as a claim: ``{"valid", "max_rel_err",
+    "why_invalid"}``. The error is relative to the reference's largest magnitude; the bound allows
+    16-bit rounding over long reductions (2e-2), 1e-3 in fp32 (tf32-free GEMMs agree far better)."""
+    got = [got] if isinstance(got, torch.Tensor) else list(got)
+    want = [want] if isinstance(want, torch.Tensor) else list(want)
+    bound = 1e-3 if dtype == torch.float32 else 2e-2
+    worst = 0.0
+    for i, (g, w) in enumerate(zip(got, want)):
+        if g is None or w is None:
+            return {"valid": False, "max_rel_err": None, "why_invalid": f"output {i} missing"}
+        if g.shape != w.shape:
+            return {"valid": False, "max_rel_err": None, "why_invalid": f"output {i} shape {tuple(g.shape)} != {tuple(w.shape)}"}
+        g64, w64 = g.detach().double(), w.detach().double()
+        if not torch.isfinite(g64).all():
+            return {"valid": False, "max_rel_err": None, "why_invalid": f"output {i} has non-finite values"}
+        scale = max(w64.abs().max().item(), 1e-30) if w64.numel() else 1.0
+        err = (g64 - w64).abs().max().item() / scale if w64.numel() else 0.0
+        worst = max(worst, err)
+    valid = worst <= bound
+    return {"valid": valid, "max_rel_err": worst,
+            "why_invalid": None if valid else f"max relative error {worst:.3g} > {bound:g}"}
 
 
 def measure_ceilings(device: torch.device, small: bool = False) -> dict:

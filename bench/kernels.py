@@ -17,10 +17,26 @@ from typing import Iterator
 import torch
 import torch.nn.functional as F
 
-from common import Row, time_ms
+from common import Row, check_output, time_ms
 
-LORA_FULL = dict(M=[2048, 8192, 16384], KN=[(4096, 4096), (4096, 11008)], r=[8, 16, 64], dropout=[0.0, 0.05])
-LORA_SMALL = dict(M=[64, 256], KN=[(128, 128), (128, 352)], r=[8], dropout=[0.0, 0.05])
+LORA_GRIDS = {
+    "full": dict(M=[2048, 8192, 16384], KN=[(4096, 4096), (4096, 11008)], r=[8, 16, 64], dropout=[0.0, 0.05]),
+    # The issue's target shape only: what a time-boxed first GPU run (bench/gpu_check.sh) measures.
+    "headline": dict(M=[8192], KN=[(4096, 4096)], r=[16, 64], dropout=[0.0, 0.05]),
+    "small": dict(M=[64, 256], KN=[(128, 128), (128, 352)], r=[8], dropout=[0.0, 0.05]),
+}
+
+
+def _size(small) -> str:
+    """Suites take ``small`` as a bool (toy sizes) or a size name (``full``, ``headline``, ``small``)."""
+    if isinstance(small, str):
+        return small
+    return "small" if small else "full"
+
+
+def _with_check(row: Row, check: dict) -> Row:
+    row.extra.update(check)
+    return row
 
 
 def _providers(device: torch.device, wanted: list[str] | None, available: list[str]) -> list[str]:
@@ -30,7 +46,8 @@ def _providers(device: torch.device, wanted: list[str] | None, available: list[s
     return [p for p in usable if wanted is None or p in wanted]
 
 
-def _peft_lora_layer(weight: torch.Tensor, r: int, alpha: float, dropout: float):
+def _peft_lora_layer(weight: torch.Tensor, r: int, alpha: float, dropout: float, lora_a=None, lora_b=None):
+    """PEFT's LoRA layer over ``weight``, with our factors when given (so its output is checkable)."""
     import peft
 
     linear = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False, device=weight.device, dtype=weight.dtype)
@@ -38,7 +55,13 @@ def _peft_lora_layer(weight: torch.Tensor, r: int, alpha: float, dropout: float)
     model = torch.nn.Sequential(collections.OrderedDict(proj=linear))
     wrapped = peft.get_peft_model(model, peft.LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout,
                                                          target_modules=["proj"], init_lora_weights=False))
-    return wrapped.to(device=weight.device, dtype=weight.dtype)
+    wrapped = wrapped.to(device=weight.device, dtype=weight.dtype)
+    if lora_a is not None:
+        layer = wrapped.base_model.model.proj
+        with torch.no_grad():
+            layer.lora_A["default"].weight.copy_(lora_a)
+            layer.lora_B["default"].weight.copy_(lora_b)
+    return wrapped
 
 
 def _fwd_bwd(fn, x, dy, params):
@@ -50,10 +73,57 @@ def _fwd_bwd(fn, x, dy, params):
     return run
 
 
-def lora_rows(device, dtype, small: bool, providers=None) -> Iterator[Row]:
+def _lora_reference(x, w, a, b, scaling, keep):
+    """fp32 output of the LoRA layer (keep: the provider's dropout multiplier, or None)."""
+    from odelta_fast.ops import lora_linear_reference
+
+    return lora_linear_reference(x.float(), w.float(), None, a.float(), b.float(), scaling,
+                                 keep_scale=None if keep is None else keep.float())
+
+
+def _drawn_keep(provider, p, shape, device, dtype, seed):
+    """The dropout multiplier ``provider`` drew right after ``torch.manual_seed(seed)``; None when
+    it cannot be reproduced (PEFT's nn.Dropout) or dropout is off."""
+    from odelta_fast.ops import lora as lora_op
+    from odelta_fast.ops.backend import kernels
+
+    if p == 0.0:
+        return None
+    torch.manual_seed(seed)
+    if provider == "triton":
+        dev_seed = torch.randint(0, 2**62, (1,), dtype=torch.int64, device=device)
+        return kernels("lora").dropout_keep_scale(dev_seed, shape, p)
+    if provider == "eager":
+        return lora_op.dropout_keep_scale(shape, p, int(lora_op.new_dropout_seed().item()), device, dtype)
+    return None
+
+
+def _check_lora(provider, fn, x, w, a, b, dy, params, p, scaling, dtype) -> dict:
+    """The provider's output and gradients against fp32 autograd at the same shape and mask."""
+    if provider == "base":
+        return {"valid": True, "max_rel_err": 0.0, "why_invalid": None}
+    keep = _drawn_keep(provider, p, tuple(x.shape), x.device, dtype, seed=1234)
+    if p > 0.0 and keep is None:
+        return {"valid": None, "max_rel_err": None, "why_invalid": "not checked: its dropout mask is not reproducible"}
+    torch.manual_seed(1234)
+    x.grad = None
+    for q in params:
+        q.grad = None
+    y = fn(x)
+    y.backward(dy)
+    got = [y, x.grad] + [q.grad for q in params]
+    xr = x.detach().float().requires_grad_()
+    ar, br = a.detach().float().requires_grad_(), b.detach().float().requires_grad_()
+    ref = _lora_reference(xr, w, ar, br, scaling, keep)
+    ref.backward(dy.float())
+    want = [ref, xr.grad] + ([ar.grad, br.grad] if params else [])  # PEFT: its own parameters, not checked
+    return check_output(got, want, dtype)
+
+
+def lora_rows(device, dtype, small, providers=None) -> Iterator[Row]:
     from odelta_fast import ops
 
-    grid = LORA_SMALL if small else LORA_FULL
+    grid = LORA_GRIDS[_size(small)]
     names = _providers(device, providers, ["base", "eager", "triton", "peft"])
     for (K, N) in grid["KN"]:
         for r in grid["r"]:
@@ -71,29 +141,49 @@ def lora_rows(device, dtype, small: bool, providers=None) -> Iterator[Row]:
                         if provider == "base":
                             fn, params, flops_lora = (lambda t: F.linear(t, w)), [], 0
                         elif provider == "peft":
-                            layer = _peft_lora_layer(w, r, 2 * r, p).train()
+                            layer = _peft_lora_layer(w, r, 2 * r, p, a.detach(), b.detach()).train()
                             params = [q for q in layer.parameters() if q.requires_grad]
                             fn, flops_lora = layer, 1
                         else:
                             fn = (lambda t, prov=provider: ops.lora_linear(t, w, None, a, b, 2.0, p, backend=prov))
                             params, flops_lora = [a, b], 1
+                        # peft's alpha = 2r makes its scaling 2.0, like ours.
+                        check = _check_lora(provider, fn, x, w, a, b, dy, params if provider != "peft" else [],
+                                            p, 2.0, dtype)
                         fwd_flops = 2 * M * N * K + flops_lora * (2 * M * K * r + 2 * M * N * r)
                         bwd_flops = 2 * M * N * K + flops_lora * (4 * M * N * r + 4 * M * K * r)
                         with torch.no_grad():
                             t = time_ms(lambda: fn(x), device, reps=20 if device.type != "cuda" else 100)
-                        yield Row("lora", provider, "fwd", shape, str(dtype)[6:], t["ms"], t["ms_p20"], t["ms_p80"],
-                                  fwd_flops, (M * K + N * K + M * N) * es)
+                        yield _with_check(Row("lora", provider, "fwd", shape, str(dtype)[6:], t["ms"], t["ms_p20"],
+                                              t["ms_p80"], fwd_flops, (M * K + N * K + M * N) * es), check)
                         t = time_ms(_fwd_bwd(fn, x, dy, params), device, reps=20 if device.type != "cuda" else 100)
-                        yield Row("lora", provider, "fwd+bwd", shape, str(dtype)[6:], t["ms"], t["ms_p20"], t["ms_p80"],
-                                  fwd_flops + bwd_flops, (M * K + N * K + M * N) * es + (M * N + N * K + 2 * M * K) * es)
+                        yield _with_check(Row("lora", provider, "fwd+bwd", shape, str(dtype)[6:], t["ms"], t["ms_p20"],
+                                              t["ms_p80"], fwd_flops + bwd_flops,
+                                              (M * K + N * K + M * N) * es + (M * N + N * K + 2 * M * K) * es), check)
 
 
-def adapter_rows(device, dtype, small: bool, providers=None) -> Iterator[Row]:
+def _check_against_eager(provider, run, eager_run, dtype) -> dict:
+    """Compare what ``run()`` returns with ``eager_run()`` (fp32 eager at the same shape)."""
+    if provider in ("eager", "base", "copy"):
+        return {"valid": True, "max_rel_err": 0.0, "why_invalid": None}
+    return check_output(run(), eager_run(), dtype)
+
+
+def _grads(fn, inputs, dy):
+    for t in inputs:
+        t.grad = None
+    out = fn(inputs[0])
+    out.backward(dy)
+    return [out.detach().clone()] + [t.grad.detach().clone() for t in inputs]
+
+
+def adapter_rows(device, dtype, small, providers=None) -> Iterator[Row]:
     from odelta_fast import ops
 
-    d, bottleneck = (128, 16) if small else (4096, 64)
+    size = _size(small)
+    d, bottleneck = (128, 16) if size == "small" else (4096, 64)
     names = _providers(device, providers, ["eager", "triton"])
-    for M in ([64, 256] if small else [2048, 8192, 16384]):
+    for M in {"small": [64, 256], "headline": [8192], "full": [2048, 8192, 16384]}[size]:
         gen = torch.Generator(device=device).manual_seed(0)
         h = torch.randn(M, d, device=device, dtype=dtype, generator=gen).requires_grad_()
         down = (torch.randn(bottleneck, d, device=device, dtype=dtype, generator=gen) / math.sqrt(d)).requires_grad_()
@@ -103,66 +193,89 @@ def adapter_rows(device, dtype, small: bool, providers=None) -> Iterator[Row]:
         dy = torch.randn(M, d, device=device, dtype=dtype, generator=gen)
         es = h.element_size()
         flops = 4 * M * d * bottleneck
+        tensors = [h, down, up, db, ub]
+        fp32 = [t.detach().float().requires_grad_() for t in tensors]
+
+        def eager32():
+            return _grads(lambda t: ops.adapter_bottleneck(t, fp32[1], fp32[3], fp32[2], fp32[4], residual=t,
+                                                           backend="eager"), fp32, dy.float())
         for provider in names:
             fn = (lambda t, prov=provider: ops.adapter_bottleneck(t, down, db, up, ub, residual=t, backend=prov))
+            check = _check_against_eager(provider, lambda: _grads(fn, tensors, dy), eager32, dtype)
             shape = {"M": M, "d": d, "bottleneck": bottleneck}
             with torch.no_grad():
                 t = time_ms(lambda: fn(h), device)
-            yield Row("adapter", provider, "fwd", shape, str(dtype)[6:], t["ms"], t["ms_p20"], t["ms_p80"],
-                      flops, 2 * M * d * es)
+            yield _with_check(Row("adapter", provider, "fwd", shape, str(dtype)[6:], t["ms"], t["ms_p20"],
+                                  t["ms_p80"], flops, 2 * M * d * es), check)
             t = time_ms(_fwd_bwd(fn, h, dy, [down, up, db, ub]), device)
-            yield Row("adapter", provider, "fwd+bwd", shape, str(dtype)[6:], t["ms"], t["ms_p20"], t["ms_p80"],
-                      3 * flops, 5 * M * d * es)
+            yield _with_check(Row("adapter", provider, "fwd+bwd", shape, str(dtype)[6:], t["ms"], t["ms_p20"],
+                                  t["ms_p80"], 3 * flops, 5 * M * d * es), check)
 
 
-def bias_rows(device, dtype, small: bool, providers=None) -> Iterator[Row]:
+def bias_rows(device, dtype, small, providers=None) -> Iterator[Row]:
     from odelta_fast import ops
 
-    N = 128 if small else 4096
+    size = _size(small)
+    N = 128 if size == "small" else 4096
     names = _providers(device, providers, ["eager", "triton"])
-    for M in ([64, 256] if small else [2048, 8192, 16384]):
+    for M in {"small": [64, 256], "headline": [8192], "full": [2048, 8192, 16384]}[size]:
         y = torch.randn(M, N, device=device, dtype=dtype).requires_grad_()
         bias = torch.zeros(N, device=device, dtype=dtype, requires_grad=True)
         dy = torch.randn(M, N, device=device, dtype=dtype)
         es = y.element_size()
+        y32, b32 = y.detach().float().requires_grad_(), bias.detach().float().requires_grad_()
         for provider in names:
             fn = (lambda t, prov=provider: ops.bias_add(t, bias, backend=prov))
+            check = _check_against_eager(provider, lambda: _grads(fn, [y, bias], dy),
+                                         lambda: _grads(lambda t: ops.bias_add(t, b32, backend="eager"), [y32, b32],
+                                                        dy.float()), dtype)
             with torch.no_grad():
-                t = time_ms(lambda: fn(y), device)
-            yield Row("bias", provider, "fwd", {"M": M, "N": N}, str(dtype)[6:], t["ms"], t["ms_p20"], t["ms_p80"],
-                      M * N, 2 * M * N * es)
+                t = time_ms(lambda: fn(y), device, graph=True)
+            yield _with_check(Row("bias", provider, "fwd", {"M": M, "N": N}, str(dtype)[6:], t["ms"], t["ms_p20"],
+                                  t["ms_p80"], M * N, 2 * M * N * es), check)
             t = time_ms(_fwd_bwd(fn, y, dy, [bias]), device)
-            yield Row("bias", provider, "fwd+bwd", {"M": M, "N": N}, str(dtype)[6:], t["ms"], t["ms_p20"],
-                      t["ms_p80"], 2 * M * N, 3 * M * N * es)
+            yield _with_check(Row("bias", provider, "fwd+bwd", {"M": M, "N": N}, str(dtype)[6:], t["ms"], t["ms_p20"],
+                                  t["ms_p80"], 2 * M * N, 3 * M * N * es), check)
 
 
-def merge_rows(device, dtype, small: bool, providers=None) -> Iterator[Row]:
+def merge_rows(device, dtype, small, providers=None) -> Iterator[Row]:
     from odelta_fast import ops
 
+    size = _size(small)
     names = _providers(device, providers, ["copy", "eager", "triton", "cuda"])
     if "cuda" in names:
         from odelta_fast.ops.merge import merge_backends
 
         if "cuda" not in merge_backends() or device.type != "cuda":
             names.remove("cuda")
-    for (N, K) in ([(128, 128)] if small else [(4096, 4096), (11008, 4096)]):
-        for r in ([8] if small else [16, 64]):
+    for (N, K) in ([(128, 128)] if size == "small" else [(4096, 4096)] if size == "headline"
+                   else [(4096, 4096), (11008, 4096)]):
+        for r in ([8] if size == "small" else [16, 64]):
             w = torch.randn(N, K, device=device, dtype=dtype)
             a = torch.randn(r, K, device=device, dtype=dtype) / math.sqrt(K)
             b = torch.randn(N, r, device=device, dtype=dtype) / math.sqrt(r)
             es = w.element_size()
             moved = 2 * N * K * es + (N * r + r * K) * es
+
+            def merged(prov):
+                fresh = w.clone()
+                ops.lora_merge_(fresh, a, b, 0.5, backend=prov)
+                return fresh
+
+            want32 = w.float() + 0.5 * (b.float() @ a.float())
             for provider in names:
+                check = ({"valid": True, "max_rel_err": 0.0, "why_invalid": None} if provider == "copy"
+                         else check_output(merged(provider), want32, dtype))
                 if provider == "copy":
                     dst = torch.empty_like(w)
-                    t = time_ms(lambda: dst.copy_(w), device)
+                    t = time_ms(lambda: dst.copy_(w), device, graph=True)
                 else:
-                    t = time_ms(lambda prov=provider: ops.lora_merge_(w, a, b, 1e-3, backend=prov), device)
-                yield Row("merge", provider, "merge", {"N": N, "K": K, "r": r}, str(dtype)[6:], t["ms"], t["ms_p20"],
-                          t["ms_p80"], 2 * N * K * r + N * K, moved)
+                    t = time_ms(lambda prov=provider: ops.lora_merge_(w, a, b, 1e-3, backend=prov), device, graph=True)
+                yield _with_check(Row("merge", provider, "merge", {"N": N, "K": K, "r": r}, str(dtype)[6:], t["ms"],
+                                      t["ms_p20"], t["ms_p80"], 2 * N * K * r + N * K, moved), check)
 
 
-def multi_rows(device, dtype, small: bool, providers=None) -> Iterator[Row]:
+def multi_rows(device, dtype, small, providers=None) -> Iterator[Row]:
     """Decode with many deltas: one token per sequence, each sequence its own delta ("mixed"),
     against the same batch with one delta through the ordinary fused LoRA op ("one delta")."""
     from multi_delta import peft_mixed_layer
@@ -171,7 +284,7 @@ def multi_rows(device, dtype, small: bool, providers=None) -> Iterator[Row]:
     from odelta_fast.ops import cuda_ext
     from odelta_fast.ops.multi_lora import lora_expand, lora_shrink
 
-    H, M, D, R = (128, 8, 4, 8) if small else (4096, 64, 16, 16)
+    H, M, D, R = (128, 8, 4, 8) if _size(small) == "small" else (4096, 64, 16, 16)
     gen = torch.Generator(device=device).manual_seed(0)
     weight = torch.randn(H, H, device=device, dtype=dtype, generator=gen) / math.sqrt(H)
     factors = [(torch.randn(R, H, device=device, dtype=dtype, generator=gen) / math.sqrt(H),
@@ -205,11 +318,15 @@ def multi_rows(device, dtype, small: bool, providers=None) -> Iterator[Row]:
     if "peft" in _providers(device, providers, ["peft"]):
         peft_fn = peft_mixed_layer(weight, factors, [f"d{int(i)}" for i in ids.tolist()], dtype)
         runs[("mixed", "peft")] = lambda: peft_fn(x)
+    want = {"mixed": mixed("eager")(),
+            "one delta": ops.lora_linear(x, weight, None, a0, b0, 2.0, 0.0, training=False, backend="eager")}
     for (batch, provider), fn in runs.items():
         with torch.no_grad():
-            t = time_ms(fn, device)
-        yield Row("multi", provider, "decode", {"M": M, "H": H, "deltas": D, "r": R, "batch": batch},
-                  str(dtype)[6:], t["ms"], t["ms_p20"], t["ms_p80"], flops, moved)
+            check = ({"valid": True, "max_rel_err": 0.0, "why_invalid": None} if provider in ("base", "eager")
+                     else check_output(fn(), want[batch], dtype))
+            t = time_ms(fn, device, graph=provider != "peft")
+        yield _with_check(Row("multi", provider, "decode", {"M": M, "H": H, "deltas": D, "r": R, "batch": batch},
+                              str(dtype)[6:], t["ms"], t["ms_p20"], t["ms_p80"], flops, moved), check)
 
 
 class _Holder(torch.nn.Module):

@@ -42,21 +42,24 @@ class Tee(io.TextIOBase):
             s.flush()
 
 
-def run_suites(device, small: bool, suites: list[str], providers, e2e: bool) -> dict:
+def run_suites(device, size: str, suites: list[str], providers, e2e: bool) -> dict:
     from kernels import SUITES
 
+    small = size == "small"
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    record = {"date": dt.date.today().isoformat(), "environment": environment(device), "small": small,
+    record = {"date": dt.date.today().isoformat(), "environment": environment(device), "small": small, "size": size,
               "ceilings": measure_ceilings(device, small), "rows": [], "e2e": None}
     c = record["ceilings"]
     print(f"ceilings: {c['gemm_tflops']:.1f} TFLOP/s ({c['gemm_dtype']} GEMM {c['gemm_shape']}), "
           f"copy {c['copy_gbps']:.0f} GB/s")
     for name in suites:
-        for row in SUITES[name](device, dtype, small, providers):
+        for row in SUITES[name](device, dtype, size, providers):
             d = row.to_dict()
             record["rows"].append(d)
+            valid = d["extra"].get("valid")
+            flag = "" if valid in (True, None) else f"  INVALID: {d['extra'].get('why_invalid')}"
             print(f"{d['suite']:8} {d['mode']:8} {d['provider']:7} {json.dumps(d['shape']):60} "
-                  f"{d['ms']:9.3f} ms {d['tflops']:8.2f} TFLOP/s {d['gbps']:8.1f} GB/s", flush=True)
+                  f"{d['ms']:9.3f} ms {d['tflops']:8.2f} TFLOP/s {d['gbps']:8.1f} GB/s{flag}", flush=True)
     add_ratios(record["rows"], record["ceilings"])
     if e2e:
         from e2e_train import e2e_rows
@@ -74,13 +77,25 @@ def markdown(record: dict) -> str:
              f"{record['ceilings']['gemm_tflops']:.3g} TFLOP/s GEMM, {record['ceilings']['copy_gbps']:.3g} GB/s copy.",
              *([""] + ["**Toy sizes (`--small`): this run shows the suite works on this machine; its timings are "
                        "not a performance claim.** The GPU-size suite needs a CUDA device."] if record.get("small") else []),
-             "", "| suite | mode | shape | provider | ms | TFLOP/s | GB/s | vs base | vs eager | vs PEFT | vs copy |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "", "| suite | mode | shape | provider | ms | TFLOP/s | GB/s | vs base | vs eager | vs PEFT | vs copy "
+             "| output |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
 
     for r in record["rows"]:
         lines.append(f"| {r['suite']} | {r['mode']} | {_shape(r)} | {r['provider']} | {r['ms']:.3f} | "
-                     f"{r['tflops']:.1f} | {r['gbps']:.0f} | {_ratio_cells(r)} |")
+                     f"{r['tflops']:.1f} | {r['gbps']:.0f} | {_ratio_cells(r)} | {_validity(r)} |")
     return "\n".join(lines + _e2e_table(record)) + "\n"
+
+
+def _validity(r: dict) -> str:
+    """Whether the row's output matched eager at the benchmark shape before it was timed."""
+    extra = r.get("extra") or {}
+    valid = extra.get("valid")
+    if valid is True:
+        return "checked"
+    if valid is False:
+        return f"**INVALID** ({extra.get('why_invalid')})"
+    return extra.get("why_invalid") or "not checked"
 
 
 def _fmt(value, spec=".2f") -> str:
@@ -138,7 +153,8 @@ def summary(record: dict) -> str:
              + _headline(rows, "moe", "fwd+bwd", {}) + _headline(rows, "qlora", "fwd+bwd", {})
              + _headline(rows, "dora", "fwd+bwd", {}))
     for r in picks:
-        lines.append(f"| {r['suite']} {r['mode']} | {_shape(r)} | {r['provider']} | {r['ms']:.3f} | {_ratio_cells(r)} |")
+        ms = f"{r['ms']:.3f}" if (r.get("extra") or {}).get("valid") is not False else f"~~{r['ms']:.3f}~~ invalid"
+        lines.append(f"| {r['suite']} {r['mode']} | {_shape(r)} | {r['provider']} | {ms} | {_ratio_cells(r)} |")
     return "\n".join(lines + _e2e_table(record)) + "\n"
 
 
@@ -197,6 +213,8 @@ def newest_result() -> Path:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--small", action="store_true", help="toy sizes (CPU smoke run)")
+    parser.add_argument("--headline", action="store_true",
+                        help="only the target shapes (M=8192, K=N=4096), no end-to-end run: the time-boxed GPU check")
     parser.add_argument("--device", default=None)
     parser.add_argument("--suites", nargs="+", default=["lora", "adapter", "bias", "merge", "multi", "moe", "qlora",
                                                         "dora"])
@@ -215,9 +233,11 @@ def main(argv=None) -> int:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         tag = re.sub(r"[^A-Za-z0-9]+", "-", environment(device)["device"]).strip("-").lower() or "cpu"
-        path = out / f"{dt.date.today().isoformat()}-{tag}{'-small' if args.small else ''}.json"
+        size = "small" if args.small else "headline" if args.headline else "full"
+        path = out / f"{dt.date.today().isoformat()}-{tag}{'' if size == 'full' else '-' + size}.json"
         with open(path.with_suffix(".log"), "w") as log, contextlib.redirect_stdout(Tee(sys.stdout, log)):
-            record = run_suites(device, args.small, args.suites, args.providers, e2e=not args.no_e2e)
+            record = run_suites(device, size, args.suites, args.providers,
+                                e2e=not (args.no_e2e or args.headline))
         path.write_text(json.dumps(record, indent=1) + "\n")
     md = markdown(record)
     path.with_suffix(".md").write_text(md)

@@ -19,10 +19,15 @@ constexpr int kExpandThreads = 256;  // output columns per expand block
 constexpr int64_t kMaxRank = 8192;
 // gridDim.y is limited to 65535; larger batches loop over rows inside the expand kernel.
 constexpr int64_t kMaxGridY = 65535;
+// Resident blocks per SM both kernels are built for (at most 64 registers per thread): they use
+// 28-64 (nvcc --resource-usage, checked in CI by tests/test_csrc_compile.py; the fp32 vectorized
+// expand takes the whole 64), so four 256-thread blocks -- half the SM's threads -- stay resident
+// to hide the latency of their streaming loads.
+constexpr int kMinBlocks = 4;
 
 // One warp computes one t[i, r]: a K-long dot product with 16-byte loads when rows are aligned.
 template <typename T, typename IdT, bool kVectorized>
-__global__ void __launch_bounds__(kShrinkWarps * 32)
+__global__ void __launch_bounds__(kShrinkWarps * 32, kMinBlocks)
     bgmv_shrink_kernel(const T* __restrict__ x, const T* __restrict__ a, const IdT* __restrict__ ids,
                        float* __restrict__ t, int64_t D, int64_t R, int64_t K) {
   const int64_t row = blockIdx.x;
@@ -54,7 +59,7 @@ __global__ void __launch_bounds__(kShrinkWarps * 32)
 // One thread computes one y[i, n]: an R-long dot product of t[i] (shared memory) and B[d, n, :]
 // (contiguous, 16-byte loads when aligned); a warp reads 32 consecutive rows of B, coalesced.
 template <typename T, typename IdT, bool kVectorized>
-__global__ void __launch_bounds__(kExpandThreads)
+__global__ void __launch_bounds__(kExpandThreads, kMinBlocks)
     bgmv_expand_kernel(T* __restrict__ y, const float* __restrict__ t, const T* __restrict__ b,
                        const IdT* __restrict__ ids, const float* __restrict__ scalings, int64_t M, int64_t D,
                        int64_t N, int64_t R) {
@@ -72,6 +77,9 @@ __global__ void __launch_bounds__(kExpandThreads)
     float acc = 0.f;
     if constexpr (kVectorized) {
       constexpr int V = Vec<T>::kSize;
+      // Four vectors in flight per thread: unrolled further (as the register budget of the launch
+      // bounds invites), ptxas spills the fp32 variant.
+#pragma unroll 4
       for (int64_t r = 0; r < R; r += V) {
         float bv[V];
         load_vec(br + r, bv);
@@ -145,7 +153,7 @@ at::Tensor bgmv_shrink_cuda(const at::Tensor& x, const at::Tensor& a, const at::
   const c10::cuda::CUDAGuard guard(x.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const dim3 grid(static_cast<unsigned int>(M), blocks_for(R, kShrinkWarps));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bgmv_shrink", [&] {
+  ODELTA_DISPATCH_FLOATS(x.scalar_type(), "bgmv_shrink", [&] {
     const auto* xp = static_cast<const scalar_t*>(x.const_data_ptr());
     const auto* ap = static_cast<const scalar_t*>(a.const_data_ptr());
     // 16-byte loads need every row start aligned: K a multiple of the vector width, aligned bases.
@@ -174,7 +182,7 @@ void bgmv_expand_cuda(at::Tensor& y, const at::Tensor& t, const at::Tensor& b, c
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const dim3 grid(blocks_for(N, kExpandThreads), static_cast<unsigned int>(std::min(M, kMaxGridY)));
   const size_t smem = static_cast<size_t>(R) * sizeof(float);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "bgmv_expand_", [&] {
+  ODELTA_DISPATCH_FLOATS(y.scalar_type(), "bgmv_expand_", [&] {
     auto* yp = static_cast<scalar_t*>(y.mutable_data_ptr());
     const auto* bp = static_cast<const scalar_t*>(b.const_data_ptr());
     const bool vec = R % Vec<scalar_t>::kSize == 0 && aligned16(bp);

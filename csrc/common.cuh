@@ -65,6 +65,12 @@ inline void check_contiguous(const at::Tensor& t, const char* op, const char* na
                     " for shape ", t.sizes(), "); call .contiguous() first");
 }
 
+// Dispatch over exactly the dtypes check_float admits: no double instantiations compiled (and
+// register-budgeted) for a dtype no caller can pass.
+#define ODELTA_DISPATCH_FLOATS(TYPE, NAME, ...)                        \
+  AT_DISPATCH_SWITCH(TYPE, NAME, AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__) \
+                         AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__) AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
+
 inline bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
 inline unsigned int blocks_for(int64_t n, int64_t per_block) {

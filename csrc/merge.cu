@@ -9,10 +9,14 @@
 // The pass is memory-bound (read and write W once); each block stages a 32 x (32 * V) tile's
 // factors in shared memory as fp32 and every thread owns 4 rows x V columns (V = one 16-byte
 // vector), so each staged value feeds several FMAs: at rank 16 shared-memory traffic stays under
-// what the SMs can serve while W streams from HBM. 4 rows (not 8) keep the kernel near 80
-// registers, so three blocks fit per SM (8 rows needed ~150 and allowed one). The thread's W
-// vectors are loaded before the rank loop so the
-// HBM latency overlaps the arithmetic.
+// what the SMs can serve while W streams from HBM. The thread's W vectors are loaded before the
+// rank loop so the HBM latency overlaps the arithmetic.
+//
+// Occupancy (nvcc --resource-usage, checked in CI by tests/test_csrc_compile.py): the vectorized
+// 16-bit kernels need 104-106 registers unconstrained, so two 256-thread blocks fit per SM
+// (65536 / (256 * 112) = 2.3), and __launch_bounds__(256, kMinBlocks = 2) keeps it that way with
+// no spills (up to 128 registers). Three blocks would need <= 85 registers: ptxas then spills
+// 32-48 bytes per thread, so two it is.
 #include "common.cuh"
 
 namespace odelta {
@@ -23,9 +27,10 @@ constexpr int kThreadsY = 8;                     // threads along P
 constexpr int kRowsPerThread = 4;                // rows of W per thread
 constexpr int kTileP = kThreadsY * kRowsPerThread;  // 32 rows per block
 constexpr int kRankChunk = 32;                   // ranks staged in shared memory at a time
+constexpr int kMinBlocks = 2;                    // resident blocks per SM (see the occupancy note)
 
 template <typename T, bool kVectorized>
-__global__ void __launch_bounds__(kThreadsX * kThreadsY)
+__global__ void __launch_bounds__(kThreadsX * kThreadsY, kMinBlocks)
     lora_merge_kernel(T* __restrict__ w, const T* __restrict__ l, const T* __restrict__ u, int64_t P, int64_t Q,
                       int64_t R, int64_t stride_lp, int64_t stride_lr, int64_t stride_ur, int64_t stride_uq,
                       float alpha) {
@@ -135,7 +140,7 @@ void lora_merge_cuda(at::Tensor& weight, const at::Tensor& a, const at::Tensor& 
   const int64_t stride_uq = fan_in_fan_out ? b.stride(0) : a.stride(1);
   const c10::cuda::CUDAGuard guard(weight.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight.scalar_type(), "lora_merge_", [&] {
+  ODELTA_DISPATCH_FLOATS(weight.scalar_type(), "lora_merge_", [&] {
     constexpr int V = Vec<scalar_t>::kSize;
     auto* wp = static_cast<scalar_t*>(weight.mutable_data_ptr());
     const auto* lp = static_cast<const scalar_t*>(fan_in_fan_out ? a.const_data_ptr() : b.const_data_ptr());

@@ -11,25 +11,26 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from torch.library import triton_op, wrap_triton
+from torch.library import triton_op
 
-from .common import INTERPRET, new_output, num_sms
+from .common import Tuning, new_output, num_sms
 
 # ============================================================================ kernels
 
 
 @triton.jit
-def _bias_add_kernel(y_ptr, b_ptr, out_ptr, M, N, stride_ym, stride_yn, stride_om, stride_on,
+def _bias_add_kernel(y_ptr, b_ptr, out_ptr, M, N, stride_ym, stride_yn, stride_om, stride_on, stride_b,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     rm = offs_m.to(tl.int64)
+    rn = offs_n.to(tl.int64)
     mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
-    y = tl.load(y_ptr + rm[:, None] * stride_ym + offs_n[None, :] * stride_yn, mask=mask, other=0.0)
-    b = tl.load(b_ptr + offs_n, mask=offs_n < N, other=0.0)
+    y = tl.load(y_ptr + rm[:, None] * stride_ym + rn[None, :] * stride_yn, mask=mask, other=0.0)
+    b = tl.load(b_ptr + rn * stride_b, mask=offs_n < N, other=0.0)
     # Same rounding as torch's y + b: one add in fp32, one rounding to the output dtype.
     out = y.to(tl.float32) + b.to(tl.float32)[None, :]
-    tl.store(out_ptr + rm[:, None] * stride_om + offs_n[None, :] * stride_on,
+    tl.store(out_ptr + rm[:, None] * stride_om + rn[None, :] * stride_on,
              out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -38,6 +39,7 @@ def _bias_grad_kernel(dy_ptr, part_ptr, M, N, rows_per_split, stride_dym, stride
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """part[s, n] = sum of dY[rows of split s, n] in fp32 (deterministic: no atomics)."""
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rn = offs_n.to(tl.int64)
     pid_s = tl.program_id(1)
     mask_n = offs_n < N
     acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
@@ -46,27 +48,31 @@ def _bias_grad_kernel(dy_ptr, part_ptr, M, N, rows_per_split, stride_dym, stride
     for m0 in range(m_start, m_end, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)
         rm = offs_m.to(tl.int64)
-        dy = tl.load(dy_ptr + rm[:, None] * stride_dym + offs_n[None, :] * stride_dyn,
+        dy = tl.load(dy_ptr + rm[:, None] * stride_dym + rn[None, :] * stride_dyn,
                      mask=(offs_m < m_end)[:, None] & mask_n[None, :], other=0.0)
         acc += tl.sum(dy.to(tl.float32), axis=0)
-    tl.store(part_ptr + pid_s * N + offs_n, acc, mask=mask_n)
+    tl.store(part_ptr + pid_s.to(tl.int64) * N + rn, acc, mask=mask_n)
+
+
+# ============================================================================ launch configurations
+
+# add: 32 x 128 tiles = 4K elements per program; 128 columns = coalesced 256-byte rows in 16-bit.
+# The interpreter pays per program, so it gets taller tiles.
+ADD = Tuning("bias_add", _bias_add_kernel, [triton.Config({"BLOCK_M": 32, "BLOCK_N": 128}, num_warps=4)],
+             interpreter=triton.Config({"BLOCK_M": 64, "BLOCK_N": 128}, num_warps=4))
+# grad: 64 rows per iteration of the column-sum loop.
+GRAD = Tuning("bias_grad", _bias_grad_kernel, [triton.Config({"BLOCK_M": 64, "BLOCK_N": 128}, num_warps=4)])
 
 
 # ============================================================================ host launchers
-
-BLOCK_M = 64 if INTERPRET else 32  # add: 32 x 128 tiles = 4K elements per program on GPU
-BLOCK_N = 128  # columns per program (coalesced 256-byte rows in 16-bit)
-GRAD_BLOCK_M = 64  # rows per iteration of the column-sum loop
-
 
 @triton_op("odelta_fast::bias_add_triton", mutates_args=())
 def bias_add_fwd(y: Tensor, bias: Tensor) -> Tensor:
     M, N = y.shape
     out = new_output((M, N), y.dtype, y.device)
-    grid = (triton.cdiv(M, BLOCK_M), triton.cdiv(N, BLOCK_N))
-    wrap_triton(_bias_add_kernel)[grid](
-        y, bias, out, M, N, y.stride(0), y.stride(1), out.stride(0), out.stride(1),
-        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, num_warps=4,
+    ADD.launch(
+        lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(N, meta["BLOCK_N"])),
+        y, bias, out, M, N, y.stride(0), y.stride(1), out.stride(0), out.stride(1), bias.stride(0),
     )
     return out
 
@@ -75,16 +81,18 @@ def bias_add_fwd(y: Tensor, bias: Tensor) -> Tensor:
 def bias_grad(grad_y: Tensor, dtype_like: Tensor) -> Tensor:
     """Column sums of a 2-D ``grad_y`` in fp32, returned in ``dtype_like``'s dtype."""
     M, N = grad_y.shape
-    n_blocks = triton.cdiv(N, BLOCK_N)
-    m_blocks = max(1, triton.cdiv(M, GRAD_BLOCK_M))
-    # Split rows so n_blocks x splits fills ~2 waves of SMs; partial sums are reduced by torch.
-    splits = max(1, min(m_blocks, (2 * num_sms(grad_y.device)) // n_blocks)) if grad_y.is_cuda else 1
-    rows = triton.cdiv(m_blocks, splits) * GRAD_BLOCK_M
+    cfg = GRAD.config().kwargs
+    n_blocks = triton.cdiv(N, cfg["BLOCK_N"])
+    m_blocks = max(1, triton.cdiv(M, cfg["BLOCK_M"]))
+    # Split rows so n_blocks x splits fills ~2 waves of SMs; the partial sums are added by torch
+    # in a fixed order (identical run to run).
+    splits = max(1, min(m_blocks, (2 * num_sms(grad_y.device)) // max(n_blocks, 1))) if grad_y.is_cuda else 1
+    rows = triton.cdiv(m_blocks, splits) * cfg["BLOCK_M"]
     splits = max(1, triton.cdiv(M, rows))
-    part = new_output((splits, N), torch.float32, grad_y.device)
-    wrap_triton(_bias_grad_kernel)[(n_blocks, splits)](
+    part = torch.zeros((splits, N), dtype=torch.float32, device=grad_y.device)
+    GRAD.launch(
+        lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), splits),
         grad_y, part, M, N, rows, grad_y.stride(0), grad_y.stride(1),
-        BLOCK_M=GRAD_BLOCK_M, BLOCK_N=BLOCK_N, num_warps=4,
     )
     return part.sum(0).to(dtype_like.dtype)
 

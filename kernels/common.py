@@ -1,19 +1,28 @@
-"""Pieces every kernel module shares: interpreter detection, dtype mapping, dropout, tile ordering.
+"""Pieces every kernel module shares: interpreter detection, dtype mapping, dropout, tile ordering,
+the launch configurations of every kernel (``Tuning``) and the one function that launches them.
 
 ``TRITON_INTERPRET=1`` must be in the environment before this package is imported: ``triton.jit``
-decides at decoration time whether a kernel is compiled or interpreted, and the autotune config
-lists below are chosen at import time too.
+decides at decoration time whether a kernel is compiled or interpreted.
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
+import threading
+from typing import Callable, Optional, Sequence
 
 import torch
 import triton
 import triton.language as tl
+from torch.library import wrap_triton
 
 # Read once at import, like triton.jit does.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+# ``quick``: every autotuned kernel tries only its first GPU config (no benchmarking at all), for
+# test runs on a GPU where autotuning each new shape would cost minutes and measure nothing.
+AUTOTUNE_ENV = "ODELTA_AUTOTUNE"
 
 # Kernels take fp16, bf16 and fp32 tensors; anything else goes to the eager path.
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -58,6 +67,24 @@ def num_sms(device: torch.device) -> int:
     return 1
 
 
+# Shared memory one block may use (opt-in maximum), by compute capability, for when the driver
+# cannot be asked (no GPU): H100 232,448 bytes, A100 166,912, consumer Ampere/Ada 101,376.
+SMEM_BY_CAPABILITY = {(9, 0): 232448, (8, 0): 166912, (8, 6): 101376, (8, 7): 166912, (8, 9): 101376}
+SMEM_UNKNOWN = 101376
+
+
+@functools.lru_cache(maxsize=None)
+def max_shared_memory(device: torch.device) -> int:
+    """Bytes of shared memory one block can have on ``device`` (what a launch is checked against)."""
+    if device.type != "cuda":
+        return SMEM_BY_CAPABILITY[(9, 0)]
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    try:
+        return int(triton.runtime.driver.active.utils.get_device_properties(index)["max_shared_mem"])
+    except Exception:  # pragma: no cover - driver without the query
+        return SMEM_BY_CAPABILITY.get(torch.cuda.get_device_capability(index), SMEM_UNKNOWN)
+
+
 # Set by tests: outputs are allocated full of NaN instead of uninitialised, so an element a kernel
 # forgets to write fails the comparison instead of passing by luck.
 POISON_OUTPUTS = False
@@ -69,16 +96,211 @@ def new_output(shape, dtype, device) -> torch.Tensor:
     return torch.empty(shape, dtype=dtype, device=device)
 
 
+def deterministic() -> bool:
+    """True when torch is asked for bit-identical results run to run: the kernels then take their
+    paths without floating-point atomics (partial sums reduced in a fixed order)."""
+    return torch.are_deterministic_algorithms_enabled()
+
+
+# ============================================================================ launch configurations
+
+_STATE = threading.local()
+
+
+def _gpu_lists_forced() -> bool:
+    return getattr(_STATE, "gpu_lists", False)
+
+
+class Tuning:
+    """The launch configurations of one kernel, and how it is launched.
+
+    ``gpu`` is what a GPU may run: the autotune list when ``key`` is given, else the one fixed
+    config (a list of one). ``interpreter`` is what Triton's interpreter runs by default (it cannot
+    autotune: benchmarking needs a driver); tests switch the interpreter to the GPU lists
+    (``gpu_configs()``) and force each config in turn (``forced``), so every config a GPU can choose
+    is run on CPU too. ``prune`` (autotuned kernels) drops configs a device cannot run, e.g. by
+    shared memory; it must keep at least one.
+    """
+
+    def __init__(self, name: str, kernel, gpu: Sequence[triton.Config], *, interpreter: Optional[triton.Config] = None,
+                 key: Optional[list[str]] = None, prune: Optional[Callable] = None,
+                 smem_bound: Optional[Callable] = None):
+        self.name = name
+        self.kernel = kernel
+        self.gpu = list(gpu)
+        self.interpreter = interpreter if interpreter is not None else self.gpu[0]
+        if smem_bound is not None and prune is None:
+            prune = prune_by_shared_memory(smem_bound)
+        self.prune = prune
+        # (config, named_args, launch kwargs) -> bytes: an upper bound of the shared memory the
+        # config compiles to, which the prune compares with the device's limit.
+        self.smem_bound = smem_bound
+        self._forced: Optional[triton.Config] = None
+        self.autotuner = None
+        if key is not None:
+            self.autotuner = triton.autotune(
+                configs=self.configs(), key=key,
+                prune_configs_by={"early_config_prune": prune} if prune is not None else None,
+            )(kernel)
+        if name in TUNINGS:
+            raise ValueError(f"two kernels registered as {name!r}")
+        TUNINGS[name] = self
+
+    def configs(self) -> list[triton.Config]:
+        """The configs a launch may choose from right now."""
+        if self._forced is not None:
+            return [self._forced]
+        if INTERPRET:
+            return [self.gpu[0]] if _gpu_lists_forced() else [self.interpreter]
+        if os.environ.get(AUTOTUNE_ENV) == "quick":
+            return self.gpu[:1]
+        return list(self.gpu)
+
+    def config(self) -> triton.Config:
+        """The config of a fixed-tile kernel (one GPU config)."""
+        return self.configs()[0]
+
+    def _sync(self) -> None:
+        if self.autotuner is not None:
+            self.autotuner.configs = self.configs()
+            self.autotuner.cache.clear()
+
+    def launch(self, grid: Callable[[dict], tuple], *args, **kwargs) -> None:
+        """Launch over ``grid(meta)`` (meta: the chosen config's parameters), on the device of the
+        tensors in ``args`` (not the current device), skipping a launch with no programs."""
+        if self.autotuner is not None:
+            if 0 in grid(self.configs()[0].kwargs):
+                return  # grids are cdiv(size, tile): empty for one config means empty for all
+            with device_guard(args):
+                wrap_triton(self.autotuner)[grid](*args, **kwargs)
+            return
+        cfg = self.config()
+        dims = grid(cfg.kwargs)
+        if 0 in dims:
+            return
+        with device_guard(args):
+            wrap_triton(self.kernel)[dims](*args, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+                                           **kwargs)
+
+
+TUNINGS: dict[str, Tuning] = {}
+
+
+def _first_tensor(named_args: dict) -> torch.Tensor:
+    return next(v for v in named_args.values() if isinstance(v, torch.Tensor))
+
+
+def prune_by_shared_memory(smem_bound: Callable):
+    """An autotune prune: the configs whose shared-memory bound fits the launch's device, and no
+    taller than the token count needs (``M_BUCKET``). Never empty: falls back to the config with
+    the smallest bound, then the shortest. ``tests/ops/compile_for_gpu.py`` checks the bound
+    against the compiler and that what is kept fits and does not spill."""
+    def prune(configs, named_args, **kwargs):
+        limit = max_shared_memory(_first_tensor(named_args).device)
+        bounds = {id(c): smem_bound(c, named_args, kwargs) for c in configs}
+        fits = [c for c in configs if bounds[id(c)] <= limit] or [min(configs, key=lambda c: bounds[id(c)])]
+        m = named_args.get("M_BUCKET", 1 << 30)
+        short = [c for c in fits if c.kwargs["BLOCK_M"] <= max(16, m)]
+        return short or [min(fits, key=lambda c: c.kwargs["BLOCK_M"])]
+    return prune
+
+
+def _sync_all() -> None:
+    for tuning in TUNINGS.values():
+        tuning._sync()
+
+
+@contextlib.contextmanager
+def gpu_configs():
+    """Under the interpreter, launch with the GPU config lists (the first config of each unless
+    one is ``forced``) instead of the interpreter's: what a GPU runs, on CPU."""
+    old = _gpu_lists_forced()
+    _STATE.gpu_lists = True
+    _sync_all()
+    try:
+        yield
+    finally:
+        _STATE.gpu_lists = old
+        _sync_all()
+
+
+@contextlib.contextmanager
+def forced(name: str, config: triton.Config):
+    """Launch kernel ``name`` with ``config`` alone: no autotuning, no pruning."""
+    tuning = TUNINGS[name]
+    old = tuning._forced
+    tuning._forced = config
+    tuning._sync()
+    try:
+        yield
+    finally:
+        tuning._forced = old
+        tuning._sync()
+
+
+def config_id(config: triton.Config) -> str:
+    """A short readable name of a config, for test ids and tables."""
+    parts = [f"{k.replace('BLOCK_', '').lower()}{v}" for k, v in config.kwargs.items()]
+    return "-".join(parts + [f"w{config.num_warps}", f"s{config.num_stages}"])
+
+
+# ============================================================================ device placement
+
+def _launch_device(args) -> Optional[torch.device]:
+    for arg in args:
+        if isinstance(arg, torch.Tensor):
+            return arg.device
+    return None
+
+
+@contextlib.contextmanager
+def device_guard(args):
+    """Make the tensors' CUDA device current for the launch: Triton launches on the current
+    device, which under ``device_map="auto"`` is often not the one holding the tensors."""
+    device = _launch_device(args)
+    if device is None or device.type != "cuda":
+        yield
+        return
+    with torch.cuda.device(device):
+        yield
+
+
+# ============================================================================ shared device code
+
 @triton.jit
-def dropout_keep(seed, offs_m, offs_k, K, p, inv_keep):
-    """Inverted-dropout multiplier (0 or 1/(1-p)) for the elements (offs_m, offs_k) of an M x K
-    input, drawn with philox from ``seed`` and the element's linear offset ``m * K + k``: the same
-    seed gives the same mask in every kernel, so backward regenerates it instead of storing it.
-    Offsets are int32 (the fast philox path): for M * K >= 2**31 they wrap, and the mask pattern
-    repeats with period 2**32 elements, identically in forward and backward."""
-    offs = offs_m[:, None] * K + offs_k[None, :]
-    rnd = tl.rand(seed, offs)
-    return tl.where(rnd >= p, inv_keep, 0.0)
+def draw_uniform(seed, rows, cols, K):
+    """Uniform [0, 1) numbers for the elements (rows, cols) of an M x K input: philox from ``seed``
+    and the element's linear offset ``row * K + col`` in 64 bits (no wrap at M * K >= 2**31).
+    Element (m, k) is kept by dropout when its number is >= p. Drawn once per forward (in the
+    shrink), then stored packed (``pack_keep``) for backward."""
+    offs = rows.to(tl.int64)[:, None] * K + cols.to(tl.int64)[None, :]
+    return tl.rand(seed, offs)
+
+
+@triton.jit
+def pack_keep(uniform, p, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The keep mask ``uniform >= p`` of a BLOCK_M x BLOCK_K tile as BLOCK_M x BLOCK_K/8 bytes: bit j
+    of byte c is column 8c + j. The comparison happens after the reshape, on purpose: a boolean
+    tile reshaped would pass through shared memory as 1-bit elements, which the compiler rejects."""
+    u = tl.reshape(uniform, (BLOCK_M, BLOCK_K // 8, 8))
+    weights = (1 << tl.arange(0, 8))
+    return tl.sum(tl.where(u >= p, weights[None, None, :], 0), axis=2).to(tl.uint8)
+
+
+@triton.jit
+def load_keep(bits_ptr, stride_bits, rows, cols, mask):
+    """The stored keep mask of the elements (rows, cols): one byte load per element (a warp's
+    neighbouring columns share bytes, so the loads coalesce), then the element's bit."""
+    byte = tl.load(bits_ptr + rows.to(tl.int64)[:, None] * stride_bits + (cols // 8).to(tl.int64)[None, :],
+                   mask=mask, other=0)
+    return ((byte.to(tl.int32) >> (cols % 8)[None, :]) & 1) != 0
+
+
+@triton.jit
+def step64(block: tl.constexpr, stride):
+    """``block * stride`` in 64 bits (a pointer advance that cannot wrap), whether the launch made
+    ``stride`` a runtime int32 or, when it equals 1, a compile-time constant."""
+    return tl.full((), block, tl.int64) * stride
 
 
 @triton.jit

@@ -1,15 +1,21 @@
 """Fused LoRA linear: ``y = x W^T + b + s * (drop(x) A^T) B^T`` and its backward.
 
 Forward, two launches:
-  1. shrink   ``xa = drop(x) A^T``           (M x r; the only thing saved besides x)
-  2. GEMM     ``y = x W^T`` whose epilogue adds ``s * xa B^T`` and the bias; y is written once.
+  1. shrink   ``xs = s drop(x) A^T``          (M x r, scaled), drawing the dropout mask once and
+              storing it packed, 1 bit per element (M x K / 8 bytes)
+  2. GEMM     ``y = x W^T`` accumulated onto ``xs B^T``, plus the bias; y is written once.
 Backward, three launches (W is frozen: no dW unless it requires grad, then torch computes it):
-  1. dY pass  ``g = dY B`` (M x r) and, from the same dY tiles, ``dB = s dY^T xa`` and ``db = sum dY``
-              (atomics into fp32 buffers across row blocks)
-  2. GEMM     ``dX = dY W`` whose epilogue adds ``s (g A) * mask/(1-p)``
-  3. ``dA = s g^T drop(x)``                  (mask regenerated from the seed)
-The dropout mask never exists in memory: every kernel that needs it draws it with philox from the
-seed and the element offset (see ``common.dropout_keep``).
+  1. dY pass  ``gs = s/(1-p) dY B`` (M x r) and, from the same dY tiles, ``dB = dY^T xs`` and
+              ``db = sum dY`` (relaxed atomics into fp32 buffers across row blocks; torch's own
+              reductions instead in deterministic mode)
+  2. GEMM     ``dX = dY W`` accumulated onto ``(gs A) * mask``
+  3. ``dA = gs^T (x * mask)``                  (per-split partial sums, reduced in a fixed order)
+The dropout mask is drawn with philox from the seed and the element offset (``common.draw_uniform``)
+once, in the shrink; dX and dA read its bits (``common.load_keep``) instead of drawing it again, so
+the three uses agree bit for bit and backward pays a byte load per element instead of a philox
+round. Scaling and ``1/(1-p)`` are folded into
+the rank-r operands, so each GEMM's low-rank term is one more ``tl.dot`` into its accumulator (no
+second accumulator: a 128 x 256 fp32 tile already takes half the register file).
 
 Grouped shrink (q/k/v sharing one input): ``lora_shrink_grouped`` computes ``drop_g(x) A_g^T`` for
 every group in one launch; group g draws its mask from ``seed + g``.
@@ -22,10 +28,12 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from torch.library import triton_op, wrap_triton
+from torch.library import triton_op
 
 from .common import (
-    INTERPRET, dot_dtype, dot_precision, dropout_keep, m_bucket, new_output, num_sms, pad_dim, swizzle_2d,
+    Tuning, deterministic, dot_dtype, dot_precision, draw_uniform, load_keep, m_bucket, new_output, num_sms,
+    pack_keep, step64,
+    pad_dim, swizzle_2d,
 )
 
 # ============================================================================ kernels
@@ -33,94 +41,108 @@ from .common import (
 
 @triton.jit
 def _lora_shrink_kernel(
-    x_ptr, a_ptr, out_ptr, seed_ptr,
+    x_ptr, a_ptr, out_ptr, seed_ptr, bits_ptr,
     M, K, R,
-    stride_xm, stride_xk, stride_ag, stride_ar, stride_ak, stride_og, stride_om, stride_or,
-    p, inv_keep,
-    HAS_DROPOUT: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+    stride_xm, stride_xk, stride_ag, stride_ar, stride_ak, stride_og, stride_om, stride_or, stride_bits,
+    p, scale,
+    HAS_DROPOUT: tl.constexpr, STORE_BITS: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
-    """out[g] = drop_g(x) @ A[g]^T for row block program_id(0) and group program_id(1)."""
+    """out[g] = scale * drop_g(x) @ A[g]^T for row block program_id(0) and group program_id(1);
+    with STORE_BITS the keep mask drawn here is written packed (1 bit per element) for backward."""
     pid_m = tl.program_id(0)
     g = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_k = tl.arange(0, BLOCK_K)
     offs_r = tl.arange(0, BLOCK_R)
-    rm = offs_m.to(tl.int64)
     mask_m = offs_m < M
     mask_r = offs_r < R
     if HAS_DROPOUT:
         seed = tl.load(seed_ptr) + g
+    x_ptrs = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm + offs_k.to(tl.int64)[None, :] * stride_xk
+    a_ptrs = (a_ptr + g.to(tl.int64) * stride_ag + offs_k.to(tl.int64)[:, None] * stride_ak
+              + offs_r.to(tl.int64)[None, :] * stride_ar)
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        mask_k = offs_k < K
-        x = tl.load(x_ptr + rm[:, None] * stride_xm + offs_k[None, :] * stride_xk,
-                    mask=mask_m[:, None] & mask_k[None, :], other=0.0).to(DOT_DTYPE)
+        mask_k = offs_k < K - k0
+        x = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0).to(DOT_DTYPE)
         if HAS_DROPOUT:
-            x = (x.to(tl.float32) * dropout_keep(seed, offs_m, offs_k, K, p, inv_keep)).to(DOT_DTYPE)
-        a = tl.load(a_ptr + g * stride_ag + offs_k[:, None] * stride_ak + offs_r[None, :] * stride_ar,
-                    mask=mask_k[:, None] & mask_r[None, :], other=0.0).to(DOT_DTYPE)
+            uniform = draw_uniform(seed, offs_m, k0 + offs_k, K)
+            # A multiply, not tl.where: a select on the comparison makes the compiler move the
+            # 1-bit mask between layouts through shared memory, which it then rejects.
+            x = (x * tl.where(uniform >= p, 1.0, 0.0)).to(DOT_DTYPE)
+            if STORE_BITS:
+                offs_c = k0 // 8 + tl.arange(0, BLOCK_K // 8)
+                tl.store(bits_ptr + offs_m.to(tl.int64)[:, None] * stride_bits + offs_c.to(tl.int64)[None, :],
+                         pack_keep(uniform, p, BLOCK_M, BLOCK_K), mask=mask_m[:, None] & (offs_c * 8 < K)[None, :])
+        a = tl.load(a_ptrs, mask=mask_k[:, None] & mask_r[None, :], other=0.0).to(DOT_DTYPE)
         acc = tl.dot(x, a, acc, input_precision=PRECISION)
-    tl.store(out_ptr + g * stride_og + rm[:, None] * stride_om + offs_r[None, :] * stride_or,
-             acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_r[None, :])
+        x_ptrs += step64(BLOCK_K, stride_xk)
+        a_ptrs += step64(BLOCK_K, stride_ak)
+    out_ptrs = (out_ptr + g.to(tl.int64) * stride_og + offs_m.to(tl.int64)[:, None] * stride_om
+                + offs_r.to(tl.int64)[None, :] * stride_or)
+    tl.store(out_ptrs, (acc * scale).to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_r[None, :])
 
 
 @triton.jit
 def _lora_fwd_kernel(
-    x_ptr, w_ptr, bias_ptr, xa_ptr, b_ptr, y_ptr,
+    x_ptr, w_ptr, bias_ptr, xs_ptr, b_ptr, y_ptr,
     M, N, K, R,
-    stride_xm, stride_xk, stride_wn, stride_wk, stride_am, stride_ar, stride_bn, stride_br,
-    stride_ym, stride_yn,
-    scaling, M_BUCKET,
+    stride_xm, stride_xk, stride_wn, stride_wk, stride_sm, stride_sr, stride_bn, stride_br,
+    stride_ym, stride_yn, stride_bias,
+    M_BUCKET,
     HAS_BIAS: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
-    """y = x W^T (+ bias) + s * xa B^T, the low-rank term and bias in the epilogue."""
+    """y = xs B^T + x W^T (+ bias): output tile BLOCK_M x BLOCK_N, reduction over K by BLOCK_K."""
     num_m = tl.cdiv(M, BLOCK_M)
     num_n = tl.cdiv(N, BLOCK_N)
     pid_m, pid_n = swizzle_2d(tl.program_id(0), num_m, num_n, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
     offs_r = tl.arange(0, BLOCK_R)
     rm = offs_m.to(tl.int64)
     rn = offs_n.to(tl.int64)
     mask_m = offs_m < M
     mask_n = offs_n < N
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        mask_k = offs_k < K
-        x = tl.load(x_ptr + rm[:, None] * stride_xm + offs_k[None, :] * stride_xk,
-                    mask=mask_m[:, None] & mask_k[None, :], other=0.0).to(DOT_DTYPE)
-        w = tl.load(w_ptr + offs_k[:, None] * stride_wk + rn[None, :] * stride_wn,
-                    mask=mask_k[:, None] & mask_n[None, :], other=0.0).to(DOT_DTYPE)
-        acc = tl.dot(x, w, acc, input_precision=PRECISION)
-    # Epilogue: the rank-r expand rides on the accumulator still in registers.
     mask_r = offs_r < R
-    xa = tl.load(xa_ptr + rm[:, None] * stride_am + offs_r[None, :] * stride_ar,
+    # The low-rank term starts the accumulator: one accumulator, the expand is one more K-block.
+    xs = tl.load(xs_ptr + rm[:, None] * stride_sm + offs_r.to(tl.int64)[None, :] * stride_sr,
                  mask=mask_m[:, None] & mask_r[None, :], other=0.0).to(DOT_DTYPE)
-    bt = tl.load(b_ptr + offs_r[:, None] * stride_br + rn[None, :] * stride_bn,
+    bt = tl.load(b_ptr + offs_r.to(tl.int64)[:, None] * stride_br + rn[None, :] * stride_bn,
                  mask=mask_r[:, None] & mask_n[None, :], other=0.0).to(DOT_DTYPE)
-    acc += scaling * tl.dot(xa, bt, input_precision=PRECISION)
+    acc = tl.dot(xs, bt, input_precision=PRECISION)
+    x_ptrs = x_ptr + rm[:, None] * stride_xm + offs_k.to(tl.int64)[None, :] * stride_xk
+    w_ptrs = w_ptr + offs_k.to(tl.int64)[:, None] * stride_wk + rn[None, :] * stride_wn
+    for k0 in range(0, K, BLOCK_K):
+        mask_k = offs_k < K - k0
+        x = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0).to(DOT_DTYPE)
+        w = tl.load(w_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0).to(DOT_DTYPE)
+        acc = tl.dot(x, w, acc, input_precision=PRECISION)
+        x_ptrs += step64(BLOCK_K, stride_xk)
+        w_ptrs += step64(BLOCK_K, stride_wk)
     if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        acc += tl.load(bias_ptr + rn * stride_bias, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :] * stride_yn,
              acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
 @triton.jit
 def _lora_bwd_dy_kernel(
-    dy_ptr, b_ptr, xa_ptr, g_ptr, db_ptr, dbias_ptr,
+    dy_ptr, b_ptr, xs_ptr, g_ptr, db_ptr, dbias_ptr,
     M, N, R,
-    stride_dym, stride_dyn, stride_bn, stride_br, stride_am, stride_ar, stride_gm, stride_gr,
-    scaling,
+    stride_dym, stride_dyn, stride_bn, stride_br, stride_sm, stride_sr, stride_gm, stride_gr,
+    g_scale,
     NEED_G: tl.constexpr, NEED_DB: tl.constexpr, NEED_BIAS: tl.constexpr,
     DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
-    """One pass over dY for a row block: g = dY B (stored), and the row block's share of
-    dB = s dY^T xa and db = sum_m dY added atomically into fp32 buffers (N x R and N)."""
+    """One pass over dY for a row block: gs = g_scale * dY B (stored), and the row block's share of
+    dB = dY^T xs and db = sum_m dY added into fp32 buffers (N x BLOCK_R and N) with relaxed atomics.
+    Each row block starts its sweep over N at a different column block, so concurrent programs add
+    into different addresses instead of queueing on the same ones."""
     pid_m = tl.program_id(0)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_r = tl.arange(0, BLOCK_R)
@@ -129,91 +151,94 @@ def _lora_bwd_dy_kernel(
     mask_r = offs_r < R
     g = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     if NEED_DB:
-        xa = tl.load(xa_ptr + rm[:, None] * stride_am + offs_r[None, :] * stride_ar,
+        xs = tl.load(xs_ptr + rm[:, None] * stride_sm + offs_r.to(tl.int64)[None, :] * stride_sr,
                      mask=mask_m[:, None] & mask_r[None, :], other=0.0).to(DOT_DTYPE)
-    for n0 in range(0, N, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
+    num_n = tl.cdiv(N, BLOCK_N)
+    for step in range(0, num_n):
+        n_block = (step + pid_m) % num_n
+        offs_n = n_block * BLOCK_N + tl.arange(0, BLOCK_N)
+        rn = offs_n.to(tl.int64)
         mask_n = offs_n < N
-        dy = tl.load(dy_ptr + rm[:, None] * stride_dym + offs_n[None, :] * stride_dyn,
+        dy = tl.load(dy_ptr + rm[:, None] * stride_dym + rn[None, :] * stride_dyn,
                      mask=mask_m[:, None] & mask_n[None, :], other=0.0).to(DOT_DTYPE)
         if NEED_G:
-            b = tl.load(b_ptr + offs_n[:, None] * stride_bn + offs_r[None, :] * stride_br,
+            b = tl.load(b_ptr + rn[:, None] * stride_bn + offs_r.to(tl.int64)[None, :] * stride_br,
                         mask=mask_n[:, None] & mask_r[None, :], other=0.0).to(DOT_DTYPE)
             g = tl.dot(dy, b, g, input_precision=PRECISION)
         if NEED_DB:
-            part = tl.dot(tl.trans(dy), xa, input_precision=PRECISION) * scaling
-            tl.atomic_add(db_ptr + offs_n[:, None] * BLOCK_R + offs_r[None, :], part,
-                          mask=mask_n[:, None] & mask_r[None, :])
+            part = tl.dot(tl.trans(dy), xs, input_precision=PRECISION)
+            tl.atomic_add(db_ptr + rn[:, None] * BLOCK_R + offs_r[None, :], part,
+                          mask=mask_n[:, None] & mask_r[None, :], sem="relaxed")
         if NEED_BIAS:
-            tl.atomic_add(dbias_ptr + offs_n, tl.sum(dy.to(tl.float32), axis=0), mask=mask_n)
+            tl.atomic_add(dbias_ptr + rn, tl.sum(dy.to(tl.float32), axis=0), mask=mask_n, sem="relaxed")
     if NEED_G:
-        tl.store(g_ptr + rm[:, None] * stride_gm + offs_r[None, :] * stride_gr,
-                 g.to(g_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_r[None, :])
+        tl.store(g_ptr + rm[:, None] * stride_gm + offs_r.to(tl.int64)[None, :] * stride_gr,
+                 (g * g_scale).to(g_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_r[None, :])
 
 
 @triton.jit
 def _lora_bwd_dx_kernel(
-    dy_ptr, w_ptr, g_ptr, a_ptr, dx_ptr, seed_ptr,
+    dy_ptr, w_ptr, gs_ptr, a_ptr, dx_ptr, bits_ptr,
     M, N, K, R,
     stride_dym, stride_dyn, stride_wn, stride_wk, stride_gm, stride_gr, stride_ar, stride_ak,
-    stride_dxm, stride_dxk,
-    scaling, p, inv_keep, M_BUCKET,
+    stride_dxm, stride_dxk, stride_bits,
+    M_BUCKET,
     HAS_DROPOUT: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
-    """dX = dY W + s * (g A) * mask/(1-p); BLOCK_K tiles the output columns, BLOCK_N the reduction."""
+    """dX = (gs A) * mask + dY W: output tile BLOCK_M x BLOCK_K (columns of x), reduction over N by
+    BLOCK_N. The masked low-rank term starts the accumulator, so no second one is needed."""
     num_m = tl.cdiv(M, BLOCK_M)
     num_k = tl.cdiv(K, BLOCK_K)
     pid_m, pid_k = swizzle_2d(tl.program_id(0), num_m, num_k, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    offs_n = tl.arange(0, BLOCK_N)
     offs_r = tl.arange(0, BLOCK_R)
     rm = offs_m.to(tl.int64)
+    rk = offs_k.to(tl.int64)
     mask_m = offs_m < M
     mask_k = offs_k < K
-    acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
-    for n0 in range(0, N, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        mask_n = offs_n < N
-        rn = offs_n.to(tl.int64)
-        dy = tl.load(dy_ptr + rm[:, None] * stride_dym + offs_n[None, :] * stride_dyn,
-                     mask=mask_m[:, None] & mask_n[None, :], other=0.0).to(DOT_DTYPE)
-        w = tl.load(w_ptr + rn[:, None] * stride_wn + offs_k[None, :] * stride_wk,
-                    mask=mask_n[:, None] & mask_k[None, :], other=0.0).to(DOT_DTYPE)
-        acc = tl.dot(dy, w, acc, input_precision=PRECISION)
     mask_r = offs_r < R
-    g = tl.load(g_ptr + rm[:, None] * stride_gm + offs_r[None, :] * stride_gr,
-                mask=mask_m[:, None] & mask_r[None, :], other=0.0).to(DOT_DTYPE)
-    a = tl.load(a_ptr + offs_r[:, None] * stride_ar + offs_k[None, :] * stride_ak,
+    gs = tl.load(gs_ptr + rm[:, None] * stride_gm + offs_r.to(tl.int64)[None, :] * stride_gr,
+                 mask=mask_m[:, None] & mask_r[None, :], other=0.0).to(DOT_DTYPE)
+    a = tl.load(a_ptr + offs_r.to(tl.int64)[:, None] * stride_ar + rk[None, :] * stride_ak,
                 mask=mask_r[:, None] & mask_k[None, :], other=0.0).to(DOT_DTYPE)
-    low = tl.dot(g, a, input_precision=PRECISION)
+    acc = tl.dot(gs, a, input_precision=PRECISION)
     if HAS_DROPOUT:
-        low = low * dropout_keep(tl.load(seed_ptr), offs_m, offs_k, K, p, inv_keep)
-    acc += scaling * low
-    tl.store(dx_ptr + rm[:, None] * stride_dxm + offs_k[None, :] * stride_dxk,
+        acc = tl.where(load_keep(bits_ptr, stride_bits, offs_m, offs_k, mask_m[:, None] & mask_k[None, :]), acc, 0.0)
+    dy_ptrs = dy_ptr + rm[:, None] * stride_dym + offs_n.to(tl.int64)[None, :] * stride_dyn
+    w_ptrs = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn + rk[None, :] * stride_wk
+    for n0 in range(0, N, BLOCK_N):
+        mask_n = offs_n < N - n0
+        dy = tl.load(dy_ptrs, mask=mask_m[:, None] & mask_n[None, :], other=0.0).to(DOT_DTYPE)
+        w = tl.load(w_ptrs, mask=mask_n[:, None] & mask_k[None, :], other=0.0).to(DOT_DTYPE)
+        acc = tl.dot(dy, w, acc, input_precision=PRECISION)
+        dy_ptrs += step64(BLOCK_N, stride_dyn)
+        w_ptrs += step64(BLOCK_N, stride_wn)
+    tl.store(dx_ptr + rm[:, None] * stride_dxm + rk[None, :] * stride_dxk,
              acc.to(dx_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_k[None, :])
 
 
 @triton.jit
 def _lora_bwd_da_kernel(
-    x_ptr, g_ptr, da_ptr, seed_ptr,
+    x_ptr, gs_ptr, part_ptr, bits_ptr,
     M, K, R, rows_per_split,
-    stride_xm, stride_xk, stride_gm, stride_gr,
-    scaling, p, inv_keep,
+    stride_xm, stride_xk, stride_gm, stride_gr, stride_bits,
     HAS_DROPOUT: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
-    """dA[:, k-block] += s * g[rows]^T drop(x)[rows, k-block] for the row range of program_id(1)
-    (split over M so a long token axis still fills the GPU), atomically into an fp32 R x K buffer."""
+    """part[split, :, k-block] = gs[rows]^T (x * mask)[rows, k-block] over the row range of split
+    program_id(1): the token axis is split so a long M still fills the GPU, and the partial sums
+    are added by torch in a fixed order (no atomics, identical run to run)."""
     pid_k = tl.program_id(0)
     pid_s = tl.program_id(1)
     offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     offs_r = tl.arange(0, BLOCK_R)
+    rk = offs_k.to(tl.int64)
     mask_k = offs_k < K
     mask_r = offs_r < R
-    if HAS_DROPOUT:
-        seed = tl.load(seed_ptr)
     acc = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
     m_start = pid_s * rows_per_split
     m_end = tl.minimum(m_start + rows_per_split, M)
@@ -221,67 +246,95 @@ def _lora_bwd_da_kernel(
         offs_m = m0 + tl.arange(0, BLOCK_M)
         rm = offs_m.to(tl.int64)
         mask_m = offs_m < m_end
-        x = tl.load(x_ptr + rm[:, None] * stride_xm + offs_k[None, :] * stride_xk,
-                    mask=mask_m[:, None] & mask_k[None, :], other=0.0).to(DOT_DTYPE)
+        mask_mk = mask_m[:, None] & mask_k[None, :]
+        x = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :] * stride_xk, mask=mask_mk, other=0.0).to(DOT_DTYPE)
         if HAS_DROPOUT:
-            x = (x.to(tl.float32) * dropout_keep(seed, offs_m, offs_k, K, p, inv_keep)).to(DOT_DTYPE)
-        g = tl.load(g_ptr + rm[:, None] * stride_gm + offs_r[None, :] * stride_gr,
-                    mask=mask_m[:, None] & mask_r[None, :], other=0.0).to(DOT_DTYPE)
-        acc = tl.dot(tl.trans(g), x, acc, input_precision=PRECISION)
-    tl.atomic_add(da_ptr + offs_r[:, None] * K + offs_k[None, :], acc * scaling,
-                  mask=mask_r[:, None] & mask_k[None, :])
+            x = tl.where(load_keep(bits_ptr, stride_bits, offs_m, offs_k, mask_mk), x, 0.0).to(DOT_DTYPE)
+        gs = tl.load(gs_ptr + rm[:, None] * stride_gm + offs_r.to(tl.int64)[None, :] * stride_gr,
+                     mask=mask_m[:, None] & mask_r[None, :], other=0.0).to(DOT_DTYPE)
+        acc = tl.dot(tl.trans(gs), x, acc, input_precision=PRECISION)
+    tl.store(part_ptr + pid_s.to(tl.int64) * BLOCK_R * K + offs_r.to(tl.int64)[:, None] * K + rk[None, :], acc,
+             mask=mask_r[:, None] & mask_k[None, :])
 
 
 @triton.jit
-def _dropout_keep_kernel(seed_ptr, out_ptr, M, K, p, inv_keep, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Materialises the multiplier the other kernels draw, for tests and debugging only."""
+def _dropout_bits_kernel(seed_ptr, bits_ptr, M, K, stride_bits, p, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The packed keep mask the shrink draws for ``seed``, alone (tests, and the grouped shrink's
+    backward, which regenerates instead of storing)."""
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
-    keep = dropout_keep(tl.load(seed_ptr), offs_m, offs_k, K, p, inv_keep)
-    tl.store(out_ptr + offs_m.to(tl.int64)[:, None] * K + offs_k[None, :], keep,
-             mask=(offs_m < M)[:, None] & (offs_k < K)[None, :])
+    offs_c = tl.program_id(1) * (BLOCK_K // 8) + tl.arange(0, BLOCK_K // 8)
+    uniform = draw_uniform(tl.load(seed_ptr), offs_m, offs_k, K)
+    tl.store(bits_ptr + offs_m.to(tl.int64)[:, None] * stride_bits + offs_c.to(tl.int64)[None, :],
+             pack_keep(uniform, p, BLOCK_M, BLOCK_K), mask=(offs_m < M)[:, None] & (offs_c * 8 < K)[None, :])
 
 
-# ============================================================================ autotuned GEMMs
+# ============================================================================ launch configurations
 
-def _gemm_configs():
-    if INTERPRET:
-        # One config (autotune with several needs a GPU driver to benchmark); big tiles because the
-        # interpreter costs ~5 ms per tile iteration whatever the tile size.
-        return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 128, "GROUP_M": 8}, num_warps=4)]
+def gemm_smem_bound(config: triton.Config, cols: str, red: str, elem_bytes: int, block_r: int) -> int:
+    """An upper bound of the shared memory a GEMM config compiles to: the pipelined operand tiles
+    (``num_stages`` copies of BLOCK_M x red and red x cols) plus the rank-r operands of the
+    low-rank term; ``tests/ops/compile_for_gpu.py`` checks it against the compiler for every config."""
+    kw = config.kwargs
+    pipeline = config.num_stages * (kw["BLOCK_M"] * kw[red] + kw[red] * kw[cols]) * elem_bytes
+    low_rank = (kw["BLOCK_M"] + kw[cols]) * block_r * elem_bytes
+    return pipeline + low_rank
+
+
+def _gemm_smem(cols: str, red: str):
+    def bound(config, named_args, kwargs):
+        operand = named_args["x_ptr"] if "x_ptr" in named_args else named_args["dy_ptr"]
+        return gemm_smem_bound(config, cols, red, operand.element_size(), kwargs.get("BLOCK_R", 64))
+    return bound
+
+
+def _gemm_configs(cols: str, red: str) -> list[triton.Config]:
+    """Tiles of a GEMM whose output columns are tiled by ``cols`` and reduction by ``red``."""
+    def cfg(bm, bc, br, group, warps, stages):
+        return triton.Config({"BLOCK_M": bm, cols: bc, red: br, "GROUP_M": group}, num_warps=warps, num_stages=stages)
     return [
-        # Large-M, H100-class: 128x256 tiles keep the tensor cores fed at M >= 4096.
-        triton.Config({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=3),
-        triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=4),
-        triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),
+        # Large M, H100-class: 128 x 256 tiles keep the tensor cores fed at M >= 4096.
+        cfg(128, 256, 64, 8, 8, 3),
+        cfg(128, 128, 64, 8, 8, 4),
+        cfg(64, 128, 64, 8, 4, 4),
+        # fp32 tiles fit here on every target (the larger ones are pruned by shared memory).
+        cfg(64, 128, 32, 8, 4, 3),
         # Small M (decode, short batches): a 16-row tile (tl.dot minimum) wastes no rows.
-        triton.Config({"BLOCK_M": 16, "BLOCK_N": 128, "BLOCK_K": 128, "GROUP_M": 1}, num_warps=4, num_stages=4),
+        cfg(16, 128, 128, 1, 4, 4),
     ]
 
 
-def _prune_small_m(configs, named_args, **kwargs):
-    # Tiles taller than the bucket only waste rows; keep at least one config.
-    m = named_args["M_BUCKET"]
-    kept = [c for c in configs if c.kwargs["BLOCK_M"] <= max(16, m)]
-    return kept or configs[-1:]
+def _interpreter_gemm(cols: str, red: str) -> triton.Config:
+    # Big tiles: the interpreter costs ~5 ms per tile iteration whatever the tile size.
+    return triton.Config({"BLOCK_M": 64, cols: 128, red: 128, "GROUP_M": 8}, num_warps=4)
 
 
-_AUTOTUNE = dict(
-    key=["M_BUCKET", "N", "K", "R"],
-    prune_configs_by=None if INTERPRET else {"early_config_prune": _prune_small_m},
-)
+_AUTOTUNE_KEY = ["M_BUCKET", "N", "K", "R"]
 
-_lora_fwd = triton.autotune(configs=_gemm_configs(), **_AUTOTUNE)(_lora_fwd_kernel)
-_lora_bwd_dx = triton.autotune(configs=_gemm_configs(), **_AUTOTUNE)(_lora_bwd_dx_kernel)
+FWD = Tuning("lora_fwd", _lora_fwd_kernel, _gemm_configs("BLOCK_N", "BLOCK_K"),
+             interpreter=_interpreter_gemm("BLOCK_N", "BLOCK_K"), key=_AUTOTUNE_KEY,
+             smem_bound=_gemm_smem("BLOCK_N", "BLOCK_K"))
+# dX tiles its output over K and reduces over N: its own configs, its own grid.
+DX = Tuning("lora_bwd_dx", _lora_bwd_dx_kernel, _gemm_configs("BLOCK_K", "BLOCK_N"),
+            interpreter=_interpreter_gemm("BLOCK_K", "BLOCK_N"), key=_AUTOTUNE_KEY,
+            smem_bound=_gemm_smem("BLOCK_K", "BLOCK_N"))
 
-# Non-GEMM kernels use fixed tiles: they are bandwidth-bound passes and some accumulate with atomics,
-# which autotuning would replay.
-_PASS_BLOCK_M = 64  # rows per program of the shrink / dY pass / dA loop
-_PASS_BLOCK_N = 128  # reduction tile of the dY pass
-_PASS_BLOCK_K = 128  # reduction tile of the shrink, column tile of dA
-# 2 pipeline stages: these passes are bandwidth-bound, and 3 stages of fp32 tiles would need more
-# shared memory than an A100 (164 KB) has.
-_PASS_STAGES = 2
+# The passes over M x K or M x N beside the GEMMs use fixed tiles: they are bandwidth-bound, and
+# the dY pass accumulates with atomics, which autotuning would replay. Two pipeline stages: three
+# stages of fp32 tiles would not fit an A100's shared memory.
+# The shrink draws the dropout numbers of a 64 x 64 tile per step (a philox round each) on 8 warps:
+# 64 x 128 on 4 warps spilled, and on 8 warps still spilled at r = 64 on sm_80.
+SHRINK = Tuning("lora_shrink", _lora_shrink_kernel,
+                [triton.Config({"BLOCK_M": 64, "BLOCK_K": 64}, num_warps=8, num_stages=2)])
+# 8 warps: at r = 64 the dY pass holds g (64 x 64) and dB's 128 x 64 partial in fp32 at once
+# (4 warps spilled on sm_80, which has no wgmma to keep accumulators out of registers).
+DY = Tuning("lora_bwd_dy", _lora_bwd_dy_kernel,
+            [triton.Config({"BLOCK_M": 64, "BLOCK_N": 128}, num_warps=8, num_stages=2)])
+# dA's accumulator is BLOCK_R x BLOCK_K fp32 (64 x 128 at r = 64): 8 warps hold it without spilling.
+DA = Tuning("lora_bwd_da", _lora_bwd_da_kernel,
+            [triton.Config({"BLOCK_M": 64, "BLOCK_K": 128}, num_warps=8, num_stages=2)])
+DROPOUT = Tuning("lora_dropout_bits", _dropout_bits_kernel,
+                 [triton.Config({"BLOCK_M": 32, "BLOCK_K": 128}, num_warps=4, num_stages=1)])
 
 
 # ============================================================================ host launchers
@@ -290,55 +343,82 @@ def _inv_keep(p: float) -> float:
     return 1.0 / (1.0 - p) if p > 0.0 else 1.0
 
 
-def lora_shrink_into(out: Tensor, x: Tensor, a: Tensor, p: float, seed: Tensor) -> None:
-    """out[g] = drop_g(x) @ a[g]^T; ``x (M, K)``, ``a (G, R, K)``, ``out (G, M, R)``."""
+def lora_shrink_into(out: Tensor, x: Tensor, a: Tensor, p: float, seed: Tensor, scale: float = 1.0,
+                     bits: Optional[Tensor] = None) -> None:
+    """out[g] = scale * drop_g(x) @ a[g]^T; ``x (M, K)``, ``a (G, R, K)``, ``out (G, M, R)``; the
+    keep mask (group 0) is written packed into ``bits (M, ceil(K/8))`` uint8 when given."""
     M, K = x.shape
     G, R, _ = a.shape
-    block_r = pad_dim(R)
-    grid = (triton.cdiv(M, _PASS_BLOCK_M), G)
-    wrap_triton(_lora_shrink_kernel)[grid](
-        x, a, out, seed, M, K, R,
+    SHRINK.launch(
+        lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), G),
+        x, a, out, seed, bits if bits is not None else seed, M, K, R,
         x.stride(0), x.stride(1), a.stride(0), a.stride(1), a.stride(2),
-        out.stride(0), out.stride(1), out.stride(2),
-        p, _inv_keep(p),
-        HAS_DROPOUT=p > 0.0, DOT_DTYPE=dot_dtype(x.dtype), PRECISION=dot_precision(x.dtype),
-        BLOCK_M=_PASS_BLOCK_M, BLOCK_K=_PASS_BLOCK_K, BLOCK_R=block_r,
-        num_warps=4, num_stages=_PASS_STAGES,
+        out.stride(0), out.stride(1), out.stride(2), bits.stride(0) if bits is not None else 0,
+        p, scale,
+        HAS_DROPOUT=p > 0.0, STORE_BITS=bits is not None, DOT_DTYPE=dot_dtype(x.dtype),
+        PRECISION=dot_precision(x.dtype), BLOCK_R=pad_dim(R),
     )
 
 
-def _gemm_grid(M, N):
-    return lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+def new_bits(M: int, K: int, device) -> Tensor:
+    """Room for an M x K keep mask, 1 bit per element (bit j of byte c of a row: column 8c + j)."""
+    return torch.empty((M, triton.cdiv(K, 8)), dtype=torch.uint8, device=device)
+
+
+def unpack_keep(bits: Tensor, K: int) -> Tensor:
+    """The boolean M x K keep mask stored in ``bits``."""
+    shifts = torch.arange(8, device=bits.device, dtype=torch.uint8)
+    unpacked = (bits.unsqueeze(-1) >> shifts).bitwise_and_(1).bool()
+    return unpacked.reshape(bits.shape[0], -1)[:, :K]
+
+
+def _gemm_grid(rows: int, cols: int, cols_key: str):
+    """Programs of a GEMM: one per BLOCK_M x ``cols_key`` tile of its (rows x cols) output."""
+    return lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]) * triton.cdiv(cols, meta[cols_key]),)
 
 
 @triton_op("odelta_fast::lora_linear_triton_fwd", mutates_args=())
 def lora_linear_fwd(
     x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a: Tensor, lora_b: Tensor,
     scaling: float, dropout_p: float, seed: Tensor,
-) -> tuple[Tensor, Tensor]:
-    """``(y, xa)`` for 2-D ``x (M, K)``; ``xa = drop(x) A^T`` is what backward needs besides x."""
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(y, xs, bits)`` for 2-D ``x (M, K)``: ``xs = s drop(x) A^T`` and the packed dropout mask
+    ``bits`` (empty without dropout) are what backward needs besides x."""
     M, K = x.shape
     N, R = weight.shape[0], lora_a.shape[0]
-    xa = new_output((1, M, R), x.dtype, x.device)
-    lora_shrink_into(xa, x, lora_a.unsqueeze(0), dropout_p, seed)
-    xa = xa[0]
+    xs = new_output((1, M, R), x.dtype, x.device)
+    bits = new_bits(M, K, x.device) if dropout_p > 0.0 else x.new_empty(0, dtype=torch.uint8)
+    lora_shrink_into(xs, x, lora_a.unsqueeze(0), dropout_p, seed, scaling * _inv_keep(dropout_p),
+                     bits if dropout_p > 0.0 else None)
+    xs = xs[0]
     y = new_output((M, N), x.dtype, x.device)
-    wrap_triton(_lora_fwd)[_gemm_grid(M, N)](
-        x, weight, bias if bias is not None else x, xa, lora_b, y,
+    FWD.launch(
+        _gemm_grid(M, N, "BLOCK_N"),
+        x, weight, bias if bias is not None else x, xs, lora_b, y,
         M, N, K, R,
-        x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), xa.stride(0), xa.stride(1),
-        lora_b.stride(0), lora_b.stride(1), y.stride(0), y.stride(1),
-        scaling, m_bucket(M),
+        x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), xs.stride(0), xs.stride(1),
+        lora_b.stride(0), lora_b.stride(1), y.stride(0), y.stride(1), bias.stride(0) if bias is not None else 0,
+        m_bucket(M),
         HAS_BIAS=bias is not None, DOT_DTYPE=dot_dtype(x.dtype), PRECISION=dot_precision(x.dtype),
         BLOCK_R=pad_dim(R),
     )
-    return y, xa
+    return y, xs, bits
+
+
+def _da_splits(M: int, K: int, device: torch.device) -> tuple[int, int]:
+    """(splits of the token axis, rows per split) for dA: ~2 waves of SMs over k-blocks x splits."""
+    cfg = DA.config()
+    k_blocks = triton.cdiv(K, cfg.kwargs["BLOCK_K"])
+    m_blocks = triton.cdiv(M, cfg.kwargs["BLOCK_M"])
+    splits = max(1, min(m_blocks, (2 * num_sms(device)) // max(k_blocks, 1))) if device.type == "cuda" else 1
+    rows = max(1, triton.cdiv(m_blocks, splits)) * cfg.kwargs["BLOCK_M"]
+    return triton.cdiv(M, rows), rows  # no splits for M = 0: nothing is launched
 
 
 @triton_op("odelta_fast::lora_linear_triton_bwd", mutates_args=())
 def lora_linear_bwd(
-    grad_y: Tensor, x: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor, xa: Tensor,
-    scaling: float, dropout_p: float, seed: Tensor, need_x: bool, need_bias: bool, need_lora: bool,
+    grad_y: Tensor, x: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor, xs: Tensor, bits: Tensor,
+    scaling: float, dropout_p: float, need_x: bool, need_bias: bool, need_lora: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``(grad_x, grad_bias, grad_a, grad_b)``; a gradient not asked for comes back empty."""
     M, K = x.shape
@@ -346,68 +426,75 @@ def lora_linear_bwd(
     dev, dtype = x.device, x.dtype
     block_r = pad_dim(R)
     dot_t, prec = dot_dtype(dtype), dot_precision(dtype)
+    has_dropout = dropout_p > 0.0
     empty = grad_y.new_empty(0)
     need_g = need_x or need_lora
-    g = new_output((M, R), dtype, dev) if need_g else empty
-    db_acc = torch.zeros((N, block_r), dtype=torch.float32, device=dev) if need_lora else empty
-    dbias_acc = torch.zeros((N,), dtype=torch.float32, device=dev) if need_bias else empty
-    if need_g or need_bias:
-        wrap_triton(_lora_bwd_dy_kernel)[(triton.cdiv(M, _PASS_BLOCK_M),)](
-            grad_y, lora_b, xa, g if need_g else grad_y, db_acc if need_lora else grad_y,
-            dbias_acc if need_bias else grad_y,
+    # Deterministic mode: dB and db come from torch's own reductions instead of atomics.
+    fixed_order = deterministic()
+    db_in_kernel = need_lora and not fixed_order
+    bias_in_kernel = need_bias and not fixed_order
+    gs = new_output((M, R), dtype, dev) if need_g else empty
+    db_acc = torch.zeros((N, block_r), dtype=torch.float32, device=dev) if db_in_kernel else empty
+    dbias_acc = torch.zeros((N,), dtype=torch.float32, device=dev) if bias_in_kernel else empty
+    if need_g or db_in_kernel or bias_in_kernel:
+        DY.launch(
+            lambda meta: (triton.cdiv(M, meta["BLOCK_M"]),),
+            grad_y, lora_b, xs, gs if need_g else grad_y, db_acc if db_in_kernel else grad_y,
+            dbias_acc if bias_in_kernel else grad_y,
             M, N, R,
             grad_y.stride(0), grad_y.stride(1), lora_b.stride(0), lora_b.stride(1),
-            xa.stride(0), xa.stride(1), g.stride(0) if need_g else 0, g.stride(1) if need_g else 0,
-            scaling,
-            NEED_G=need_g, NEED_DB=need_lora, NEED_BIAS=need_bias, DOT_DTYPE=dot_t, PRECISION=prec,
-            BLOCK_M=_PASS_BLOCK_M, BLOCK_N=_PASS_BLOCK_N, BLOCK_R=block_r, num_warps=4, num_stages=_PASS_STAGES,
+            xs.stride(0), xs.stride(1), gs.stride(0) if need_g else 0, gs.stride(1) if need_g else 0,
+            scaling * _inv_keep(dropout_p),
+            NEED_G=need_g, NEED_DB=db_in_kernel, NEED_BIAS=bias_in_kernel, DOT_DTYPE=dot_t, PRECISION=prec,
+            BLOCK_R=block_r,
         )
     # Distinct empties: a custom op's outputs may not alias each other.
     grad_x, grad_bias, grad_a, grad_b = (grad_y.new_empty(0) for _ in range(4))
+    bits_arg = bits if has_dropout else gs
+    stride_bits = bits.stride(0) if has_dropout else 0
     if need_x:
         grad_x = new_output((M, K), dtype, dev)
-        wrap_triton(_lora_bwd_dx)[_gemm_grid(M, K)](
-            grad_y, weight, g, lora_a, grad_x, seed,
+        DX.launch(
+            _gemm_grid(M, K, "BLOCK_K"),
+            grad_y, weight, gs, lora_a, grad_x, bits_arg,
             M, N, K, R,
-            grad_y.stride(0), grad_y.stride(1), weight.stride(0), weight.stride(1), g.stride(0), g.stride(1),
-            lora_a.stride(0), lora_a.stride(1), grad_x.stride(0), grad_x.stride(1),
-            scaling, dropout_p, _inv_keep(dropout_p), m_bucket(M),
-            HAS_DROPOUT=dropout_p > 0.0, DOT_DTYPE=dot_t, PRECISION=prec, BLOCK_R=block_r,
+            grad_y.stride(0), grad_y.stride(1), weight.stride(0), weight.stride(1), gs.stride(0), gs.stride(1),
+            lora_a.stride(0), lora_a.stride(1), grad_x.stride(0), grad_x.stride(1), stride_bits,
+            m_bucket(M),
+            HAS_DROPOUT=has_dropout, DOT_DTYPE=dot_t, PRECISION=prec, BLOCK_R=block_r,
         )
     if need_lora:
-        da_acc = torch.zeros((R, K), dtype=torch.float32, device=dev)
-        k_blocks = triton.cdiv(K, _PASS_BLOCK_K)
-        m_blocks = triton.cdiv(M, _PASS_BLOCK_M)
-        # Split the token axis so k_blocks x splits covers ~2 waves of SMs (1 under the interpreter).
-        splits = max(1, min(m_blocks, (2 * num_sms(dev)) // k_blocks)) if dev.type == "cuda" else 1
-        rows = triton.cdiv(m_blocks, splits) * _PASS_BLOCK_M
-        splits = triton.cdiv(M, rows)
-        wrap_triton(_lora_bwd_da_kernel)[(k_blocks, splits)](
-            x, g, da_acc, seed, M, K, R, rows,
-            x.stride(0), x.stride(1), g.stride(0), g.stride(1),
-            scaling, dropout_p, _inv_keep(dropout_p),
-            HAS_DROPOUT=dropout_p > 0.0, DOT_DTYPE=dot_t, PRECISION=prec,
-            BLOCK_M=_PASS_BLOCK_M, BLOCK_K=_PASS_BLOCK_K, BLOCK_R=block_r, num_warps=4, num_stages=_PASS_STAGES,
+        splits, rows = _da_splits(M, K, dev)
+        parts = torch.zeros((max(splits, 1), block_r, K), dtype=torch.float32, device=dev)
+        DA.launch(
+            lambda meta: (triton.cdiv(K, meta["BLOCK_K"]), splits),
+            x, gs, parts, bits_arg, M, K, R, rows,
+            x.stride(0), x.stride(1), gs.stride(0), gs.stride(1), stride_bits,
+            HAS_DROPOUT=has_dropout, DOT_DTYPE=dot_t, PRECISION=prec, BLOCK_R=block_r,
         )
-        grad_a = da_acc.to(lora_a.dtype)
-        grad_b = db_acc[:, :R].to(lora_b.dtype)
+        grad_a = parts[:, :R].sum(0).to(lora_a.dtype)
+        if db_in_kernel:
+            grad_b = db_acc[:, :R].to(lora_b.dtype)
+        else:
+            grad_b = (grad_y.t() @ xs).to(lora_b.dtype)
     if need_bias:
-        grad_bias = dbias_acc.to(dtype)
+        grad_bias = (dbias_acc if bias_in_kernel else grad_y.sum(0)).to(dtype)
     return grad_x, grad_bias, grad_a, grad_b
 
 
 def _setup_context(ctx, inputs, output):
     x, weight, bias, lora_a, lora_b, scaling, dropout_p, seed = inputs
-    # Saved: x (the caller holds it anyway), xa (M x r), the seed; parameters are not copies.
-    ctx.save_for_backward(x, weight, lora_a, lora_b, output[1], seed)
+    # Saved: x (the caller holds it anyway), xs (M x r), the packed mask (M x K / 8 bytes, dropout
+    # only); parameters are not copies.
+    ctx.save_for_backward(x, weight, lora_a, lora_b, output[1], output[2])
     ctx.scaling, ctx.dropout_p = scaling, dropout_p
 
 
-def _backward(ctx, grad_y, _grad_xa):
-    x, weight, lora_a, lora_b, xa, seed = ctx.saved_tensors
+def _backward(ctx, grad_y, _grad_xs, _grad_bits):
+    x, weight, lora_a, lora_b, xs, bits = ctx.saved_tensors
     need = ctx.needs_input_grad
     grad_x, grad_bias, grad_a, grad_b = lora_linear_bwd(
-        grad_y, x, weight, lora_a, lora_b, xa, ctx.scaling, ctx.dropout_p, seed,
+        grad_y, x, weight, lora_a, lora_b, xs, bits, ctx.scaling, ctx.dropout_p,
         need[0], need[2], need[3] or need[4],
     )
     # The base weight is frozen in LoRA; if a caller trains it anyway, torch computes dW.
@@ -435,26 +522,33 @@ def lora_shrink_grouped_fwd(x: Tensor, lora_a_stacked: Tensor, dropout_p: float,
     M, _ = x.shape
     G, R, _ = lora_a_stacked.shape
     out = new_output((G, M, R), x.dtype, x.device)
-    lora_shrink_into(out, x, lora_a_stacked, dropout_p, seed)
+    lora_shrink_into(out, x, lora_a_stacked, dropout_p, seed, _inv_keep(dropout_p))
     return out
 
 
 # ============================================================================ dropout mask
 
-def dropout_keep_scale(seed, shape, p: float, device=None) -> Tensor:
-    """The fp32 multiplier (0 or 1/(1-p)) the kernels apply for ``seed`` over an input of ``shape``
-    (leading dimensions flattened into M, as the op does): feed it to ``lora_linear_reference``."""
+def dropout_bits(seed, M: int, K: int, p: float, device=None) -> Tensor:
+    """The packed keep mask ``(M, ceil(K/8))`` uint8 the shrink draws for ``seed`` over M x K."""
     if not isinstance(seed, Tensor):
         seed = torch.tensor([int(seed)], dtype=torch.int64, device=device)
     device = seed.device if device is None else torch.device(device)
     seed = seed.to(device=device, dtype=torch.int64).reshape(1)
+    bits = new_bits(M, K, device)
+    DROPOUT.launch(lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(K, meta["BLOCK_K"])),
+                   seed, bits, M, K, bits.stride(0), p)
+    return bits
+
+
+def dropout_keep_scale(seed, shape, p: float, device=None) -> Tensor:
+    """The fp32 multiplier (0 or 1/(1-p)) the kernels apply for ``seed`` over an input of ``shape``
+    (leading dimensions flattened into M, as the op does): feed it to ``lora_linear_reference``."""
     K = shape[-1]
     M = 1
     for s in shape[:-1]:
         M *= s
-    out = torch.empty((M, K), dtype=torch.float32, device=device)
     if p == 0.0:
-        return out.fill_(1.0).reshape(shape)
-    grid = (triton.cdiv(M, 64), triton.cdiv(K, 128))
-    _dropout_keep_kernel[grid](seed, out, M, K, p, _inv_keep(p), BLOCK_M=64, BLOCK_K=128)
-    return out.reshape(shape)
+        dev = seed.device if isinstance(seed, Tensor) and device is None else device
+        return torch.ones(shape, dtype=torch.float32, device=dev)
+    keep = unpack_keep(dropout_bits(seed, M, K, p, device), K)
+    return (keep.float() * _inv_keep(p)).reshape(shape)

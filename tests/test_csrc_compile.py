@@ -7,6 +7,10 @@ include, the C++ standard torch's builder uses, its ``COMMON_NVCC_FLAGS``, ``TOR
 ``TORCH_API_INCLUDE_EXTENSION_H`` and ``_GLIBCXX_USE_CXX11_ABI`` matching this torch. One nvcc call
 per file covers both architectures (the host side is compiled once); files compile in parallel.
 
+The same compile reports each kernel's resources (``--resource-usage``): no kernel may spill, and
+every kernel states the blocks per SM it is built for in ``__launch_bounds__(threads, min_blocks)``,
+which its registers must allow (what the occupancy comments in the sources claim).
+
 A CPU-only torch wheel omits one generated header of its CUDA wheels
 (``c10/cuda/impl/cuda_cmake_macros.h``, a single define); the test supplies it in a temporary
 include directory when it is missing, which changes nothing when compiling against a CUDA torch.
@@ -14,6 +18,7 @@ include directory when it is missing, which changes nothing when compiling again
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sysconfig
@@ -65,7 +70,7 @@ def _flags(stub_dir: Path) -> list[str]:
 
 def _compile(source: Path, out_dir: Path, flags: list[str]) -> dict:
     obj = out_dir / (source.stem + ".o")
-    cmd = [NVCC, "-c", str(source), "-o", str(obj), *flags]
+    cmd = [NVCC, "-c", str(source), "-o", str(obj), "--resource-usage", *flags]
     start = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT_S)
     if proc.returncode != 0 and "unsupported GNU version" in proc.stderr:
@@ -107,3 +112,61 @@ def test_cu_file_compiles_for_sm80_and_sm90(compiled, source):
         if listing.returncode == 0:
             for arch in ARCHS:
                 assert f"sm_{arch.replace('.', '')}" in listing.stdout, f"{source}: no sm_{arch} code\n{listing.stdout}"
+
+
+REGISTERS_PER_SM = 65536
+
+
+def _resources(log: str) -> list[dict]:
+    """Per compiled kernel (name, architecture): registers and spill bytes, from ptxas's report."""
+    found, current = [], None
+    for line in log.splitlines():
+        m = re.search(r"Compiling entry function '(\S+)' for '(sm_\d+)'", line)
+        if m:
+            current = {"kernel": m.group(1), "arch": m.group(2), "spill": 0}
+            found.append(current)
+            continue
+        if current is None:
+            continue
+        m = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", line)
+        if m:
+            current["spill"] = int(m.group(1)) + int(m.group(2))
+        m = re.search(r"Used (\d+) registers", line)
+        if m:
+            current["registers"] = int(m.group(1))
+    return found
+
+
+def _launch_bounds(source: Path) -> dict[str, tuple[int, int]]:
+    """kernel name -> (threads, min blocks per SM) from ``__launch_bounds__`` and the file's
+    integer constants."""
+    text = source.read_text()
+    consts = {name: int(value) for name, value in re.findall(r"constexpr (?:int|int64_t) (k\w+) = (\d+);", text)}
+    bounds = {}
+    for threads, blocks, name in re.findall(
+            r"__global__ void __launch_bounds__\(([^,()]+)(?:,\s*([^()]+))?\)\s*(\w+)\(", text):
+        evaluate = lambda expr: int(eval(expr, {"__builtins__": {}}, consts))  # noqa: E731,S307
+        bounds[name] = (evaluate(threads), evaluate(blocks) if blocks else 0)
+    return bounds
+
+
+@pytest.mark.parametrize("source", [p.name for p in SOURCES])
+def test_cu_kernels_fit_their_stated_occupancy_without_spilling(compiled, source):
+    result = compiled[source]
+    assert result["rc"] == 0, result["log"][-3000:]
+    bounds = _launch_bounds(cuda_ext.source_dir() / source)
+    assert bounds, f"{source}: no __global__ kernel with __launch_bounds__ found"
+    for name, (threads, blocks) in bounds.items():
+        assert blocks > 0, f"{source}: {name} states no minimum blocks per SM in __launch_bounds__"
+    kernels = _resources(result["log"])
+    assert kernels, f"{source}: no ptxas resource report in the nvcc output"
+    for k in kernels:
+        name = next((n for n in bounds if n in k["kernel"]), None)
+        assert name is not None, f"{source}: compiled kernel {k['kernel']} has no __launch_bounds__"
+        threads, blocks = bounds[name]
+        assert k["spill"] == 0, f"{source}: {name} ({k['arch']}) spills {k['spill']} bytes"
+        # Registers are allocated per warp in units of 256 (8 per thread).
+        per_thread = -(-k["registers"] // 8) * 8
+        assert per_thread * threads * blocks <= REGISTERS_PER_SM, (
+            f"{source}: {name} ({k['arch']}) uses {k['registers']} registers: {blocks} blocks of {threads} threads "
+            f"do not fit an SM's {REGISTERS_PER_SM}")

@@ -1,5 +1,7 @@
-"""Every Triton kernel compiles with the real compiler for sm_90 (fp16 and fp32, one shape each),
-without a GPU: the interpreter accepts code the compiler rejects, so CI checks both."""
+"""Every Triton kernel compiles with the real compiler for sm_90 and sm_80, without a GPU, with the
+specialization a real launch gets (16-byte alignment, divisibility by 16, sizes equal to 1 as
+constants), and no config the autotuner can choose exceeds its target's shared memory or spills
+registers in fp16/bf16 (``compile_for_gpu.py --quick``: the aligned launch of every op)."""
 from __future__ import annotations
 
 import os
@@ -12,12 +14,13 @@ import pytest
 SCRIPT = Path(__file__).with_name("compile_for_gpu.py")
 
 
-def test_triton_kernels_compile_for_hopper():
+def test_triton_kernels_compile_for_hopper_and_ampere_within_resources():
     pytest.importorskip("triton", reason="triton is not installed")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["QUICK"] = "1"
-    result = subprocess.run([sys.executable, str(SCRIPT)], capture_output=True, text=True, timeout=900,
-                            env=env, cwd=SCRIPT.parents[2])
-    tail = (result.stdout + result.stderr)[-3000:]
-    assert result.returncode == 0, f"exit {result.returncode}: {tail}"
-    assert result.stdout.strip().splitlines()[-1].endswith("; 0 failed"), tail
+    result = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--jobs", str(os.cpu_count() or 1)],
+                            capture_output=True, text=True, timeout=1800, env=env, cwd=SCRIPT.parents[2])
+    out = result.stdout + result.stderr
+    problems = [line for line in out.splitlines() if line.startswith("PROBLEM")]
+    assert result.returncode == 0, f"exit {result.returncode}:\n" + "\n".join(problems or out.splitlines()[-40:])
+    last = result.stdout.strip().splitlines()[-1]
+    assert last.endswith("; 0 problems") and " 0 variants" not in last, last
