@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from .markers import DELTA_MARKER
+from .projections import linear_types
 from .quantized import is_quantized
 
 REGEX_PREFIX = "[r]"
@@ -74,18 +75,6 @@ _KNOWN_ALIASES = {
     "ff.w2": ("down_proj", "fc2", "lin2", "wo", "dense_4h_to_h"),
     "ff.gate": ("gate_proj", "w1", "wi_0"),
 }
-
-
-def linear_types() -> tuple[type, ...]:
-    """Module types that count as linear projections (GPT-2's Conv1D is one with a transposed weight)."""
-    types: list[type] = [nn.Linear]
-    try:
-        from transformers.pytorch_utils import Conv1D
-
-        types.append(Conv1D)
-    except ImportError:  # pragma: no cover - transformers is a dependency, but keep addressing usable without it
-        pass
-    return tuple(types)
 
 
 PLAIN_LINEAR = "linear"  # the module computes x W^T + b (its class's forward, or an override that does the same)

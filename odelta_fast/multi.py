@@ -41,7 +41,7 @@ from . import checkpoint, routing
 from .addressing import pattern_value
 from .delta import DeltaBase, DeltaModule
 from .methods.kv_cache import cache_in
-from .methods.shapes import linear_features
+from .projections import linear_features
 from .ops import multi_lora
 from .ops.backend import check_backend_name
 

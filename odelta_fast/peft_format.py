@@ -31,7 +31,8 @@ from typing import Any, Mapping, Optional
 import torch
 from torch import nn
 
-from .addressing import TargetNotFoundError, backbone_modules, linear_types, pattern_value
+from .addressing import TargetNotFoundError, backbone_modules, pattern_value
+from .projections import linear_types
 from .checkpoint import CheckpointError, atomic_write, read_json, read_safetensors, save_tensors
 
 logger = logging.getLogger("odelta_fast")

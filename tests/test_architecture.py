@@ -16,7 +16,7 @@ SOURCES = {PACKAGE: ROOT / "odelta_fast", f"{PACKAGE}.kernels": ROOT / "kernels"
 
 # Floors, lowest first. A module may import modules of its own floor or of a lower one.
 FLOORS: list[tuple[str, tuple[str, ...]]] = [
-    ("foundations", ("version", "markers", "logging_utils", "quantized")),
+    ("foundations", ("version", "markers", "logging_utils", "quantized", "projections")),
     ("kernels", ("kernels",)),
     ("ops", ("ops",)),
     ("names and files", ("structure", "addressing", "checkpoint", "peft_format")),

@@ -18,7 +18,8 @@ from ..addressing import NOT_A_PROJECTION, PLAIN_LINEAR, backbone_modules, is_de
 from ..configs import BaseDeltaConfig
 from ..delta import DeltaBase, DeltaModule
 from ..routing import map_hidden
-from .shapes import is_conv1d, output_features
+from ..projections import is_conv1d
+from .shapes import output_features
 
 
 class BiasDelta(DeltaModule):

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from .. import ops, peft_format, routing
-from ..addressing import NOT_A_PROJECTION, OWN_FORWARD, linear_forward_kind, linear_types, pattern_value, select_modules
+from ..addressing import NOT_A_PROJECTION, OWN_FORWARD, linear_forward_kind, pattern_value, select_modules
 from ..checkpoint import CheckpointError
 from ..configs import BaseDeltaConfig, positive_int
 from ..quantized import is_quantized
@@ -22,7 +22,7 @@ from ..delta import DeltaBase, DeltaModule
 from ..ops.low_rank import lora_update
 from . import moe_lora
 from .qlora import QuantizedLoraDelta
-from .shapes import is_conv1d, linear_features
+from ..projections import is_conv1d, linear_features, linear_types
 
 logger = logging.getLogger("odelta_fast")
 

@@ -5,28 +5,7 @@ from typing import Optional
 
 from torch import nn
 
-
-def conv1d_type() -> Optional[type]:
-    try:
-        from transformers.pytorch_utils import Conv1D
-
-        return Conv1D
-    except ImportError:  # pragma: no cover
-        return None
-
-
-def is_conv1d(module: nn.Module) -> bool:
-    conv = conv1d_type()
-    return conv is not None and isinstance(module, conv)
-
-
-def linear_features(module: nn.Module) -> tuple[int, int]:
-    """``(in_features, out_features)`` of a Linear or of GPT-2's ``Conv1D`` (weight ``(in, out)``)."""
-    if is_conv1d(module):
-        return module.weight.shape[0], module.weight.shape[1]
-    if isinstance(module, nn.Linear):
-        return module.in_features, module.out_features
-    raise TypeError(f"{type(module).__name__} is not a Linear or Conv1D")
+from ..projections import is_conv1d, linear_features
 
 
 def hidden_size_of(backbone: nn.Module) -> Optional[int]:

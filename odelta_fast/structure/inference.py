@@ -40,6 +40,8 @@ from typing import Iterable, Optional
 
 from torch import nn
 
+from ..projections import projection_shape
+
 # --------------------------------------------------------------------------- module tree
 
 
@@ -83,17 +85,6 @@ class ModuleTree:
 
 
 # --------------------------------------------------------------------------- what modules are
-
-
-def projection_shape(module: nn.Module) -> Optional[tuple[int, int]]:
-    """``(in, out)`` of a linear projection (``nn.Linear`` and subclasses, GPT-2's ``Conv1D``)."""
-    if isinstance(module, nn.Linear):
-        return module.in_features, module.out_features
-    if type(module).__name__ == "Conv1D":  # transformers' Conv1D: a Linear with weight (in, out)
-        weight = getattr(module, "weight", None)
-        if weight is not None and weight.dim() == 2:
-            return int(weight.shape[0]), int(weight.shape[1])
-    return None
 
 
 _TORCH_NORMS = (nn.LayerNorm,) + ((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ())

@@ -11,6 +11,8 @@ from typing import Iterator
 
 from torch import nn
 
+from ..projections import linear_types
+
 from . import inference
 from .tables import MODEL_TYPES, Arch
 
@@ -384,7 +386,7 @@ def _lm_head(head_roots: list[str], modules: dict[str, nn.Module]) -> str | None
     last = None
     for root in chosen:
         for p, m in modules[root].named_modules(prefix=root):
-            if p in modules and _is_linear(m):
+            if p in modules and isinstance(m, linear_types()):
                 last = p
     return last if last is not None else chosen[0]
 
@@ -426,11 +428,6 @@ def _join(a: str, b: str) -> str:
 
 def _is_under(path: str, root: str) -> bool:
     return root == "" or path == root or path.startswith(root + ".")
-
-
-def _is_linear(module: nn.Module) -> bool:
-    # transformers' Conv1D (GPT-2) is a Linear with a transposed weight.
-    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
 
 
 def _warn_unmapped(model: nn.Module, roots: dict[str, str],
