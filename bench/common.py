@@ -120,6 +120,7 @@ def environment(device: torch.device) -> dict:
         except ImportError:
             info[package] = None
     if device.type == "cuda":
+        info["capability"] = "{}.{}".format(*torch.cuda.get_device_capability(device))  # the dispatch table's key
         try:
             info["driver"] = subprocess.run(
                 ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],

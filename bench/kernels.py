@@ -42,7 +42,9 @@ def _with_check(row: Row, check: dict) -> Row:
 def _providers(device: torch.device, wanted: list[str] | None, available: list[str]) -> list[str]:
     from odelta_fast.ops.backend import triton_available
 
-    usable = [p for p in available if not (p == "triton" and (device.type != "cuda" or not triton_available()))]
+    # Triton providers ("triton", LoRA's "split" / "fused" paths) are timed on a GPU only.
+    usable = [p for p in available
+              if not (p in ("triton", "split", "fused") and (device.type != "cuda" or not triton_available()))]
     return [p for p in usable if wanted is None or p in wanted]
 
 
@@ -90,7 +92,7 @@ def _drawn_keep(provider, p, shape, device, dtype, seed):
     if p == 0.0:
         return None
     torch.manual_seed(seed)
-    if provider == "triton":
+    if provider in ("triton", "split", "fused"):  # every Triton path draws its seed the same way
         dev_seed = torch.randint(0, 2**62, (1,), dtype=torch.int64, device=device)
         return kernels("lora").dropout_keep_scale(dev_seed, shape, p)
     if provider == "eager":
@@ -124,7 +126,9 @@ def lora_rows(device, dtype, small, providers=None) -> Iterator[Row]:
     from odelta_fast import ops
 
     grid = LORA_GRIDS[_size(small)]
-    names = _providers(device, providers, ["base", "eager", "triton", "peft"])
+    # "triton" is what backend="auto" runs (the dispatch table's path); "split" and "fused" time both
+    # paths, which is what `run.py --write-dispatch` turns into that table.
+    names = _providers(device, providers, ["base", "eager", "triton", "split", "fused", "peft"])
     for (K, N) in grid["KN"]:
         for r in grid["r"]:
             for p in grid["dropout"]:

@@ -223,6 +223,9 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=str(RESULTS))
     parser.add_argument("--update-readme", action="store_true")
     parser.add_argument("--report-only", action="store_true")
+    parser.add_argument("--write-dispatch", action="store_true",
+                        help="write the faster LoRA path (split / fused) per measured shape into the table "
+                             "backend='auto' reads (odelta_fast/ops/lora_dispatch.json)")
     args = parser.parse_args(argv)
 
     if args.report_only:
@@ -246,7 +249,24 @@ def main(argv=None) -> int:
     if args.update_readme:
         update_readme(path, record)
         print(f"updated the performance section of {README}")
+    if args.write_dispatch:
+        write_dispatch(record, path.name)
     return 0
+
+
+def write_dispatch(record: dict, run: str) -> None:
+    """The LoRA path table from this run's split / fused rows (a GPU run: CPU runs time neither)."""
+    from odelta_fast.ops import lora_dispatch
+
+    capability = record["environment"].get("capability")
+    if not capability:
+        print("no GPU capability in this run: dispatch table left as it is")
+        return
+    entries = lora_dispatch.entries_from_rows(record["rows"], capability, run)
+    if not entries:
+        print("no shape has valid split and fused rows: dispatch table left as it is")
+        return
+    print(f"wrote {len(entries)} shapes into {lora_dispatch.write(entries)}")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""Bottleneck adapter: ``y = residual + s * (up(act(down(h))))`` fused, forward and backward.
+"""Bottleneck adapter launchers: ``y = residual + s * (up(act(down(h))))`` fused, forward and
+backward (the autograd around them is ``odelta_fast.ops.adapter``'s).
 
 Forward, one launch per row block: ``pre = h Wd^T + bd`` accumulates over d into a
 ``BLOCK_M x bottleneck`` tile, saved (fp32, M x bottleneck: small) when a gradient will be needed;
@@ -305,32 +306,3 @@ def adapter_bwd(
         if has_up_bias:
             dbu = grad_y.sum(0).mul_(scaling)
     return dh, dwd, dbd, dwu, dbu
-
-
-def _setup_context(ctx, inputs, output):
-    h, down_weight, down_bias, up_weight, up_bias, residual, activation, scaling, save_pre = inputs
-    # h (alive in the caller anyway), the M x bottleneck pre-activation, and parameters.
-    ctx.save_for_backward(h, output[1], down_weight, up_weight)
-    ctx.has_down_bias, ctx.has_up_bias = down_bias is not None, up_bias is not None
-    ctx.activation, ctx.scaling = activation, scaling
-
-
-def _backward(ctx, grad_y, _grad_pre):
-    h, pre, down_weight, up_weight = ctx.saved_tensors
-    need = ctx.needs_input_grad
-    need_w = any(need[i] for i in (1, 2, 3, 4))
-    dh, dwd, dbd, dwu, dbu = adapter_bwd(grad_y, h, pre, down_weight, up_weight, ctx.has_down_bias,
-                                         ctx.has_up_bias, ctx.activation, ctx.scaling, need[0], need_w)
-    return (dh if need[0] else None, dwd if need[1] else None, dbd if need[2] else None,
-            dwu if need[3] else None, dbu if need[4] else None, grad_y if need[5] else None, None, None, None)
-
-
-adapter_fwd.register_autograd(_backward, setup_context=_setup_context)
-
-
-def adapter_bottleneck(h, down_weight, down_bias, up_weight, up_bias, residual, activation: str, scaling: float):
-    """Differentiable fused adapter over 2-D ``h (M, d)``; ``residual (M, d_out)`` or None."""
-    needs_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (h, down_weight, down_bias, up_weight, up_bias))
-    return adapter_fwd(h, down_weight, down_bias, up_weight, up_bias, residual, activation, float(scaling),
-                       needs_grad)[0]

@@ -1,4 +1,5 @@
-"""Bias delta (BitFit): ``y + b`` and its gradient ``db = sum over rows of dY``.
+"""Bias delta (BitFit) launchers: ``y + b`` and its gradient ``db = sum over rows of dY`` (the
+autograd around them is ``odelta_fast.ops.bias``'s).
 
 Inside the LoRA kernels the bias rides in the GEMM epilogue and its gradient in the pass that
 already reads dY (``lora._lora_bwd_dy_kernel``). This module is the stand-alone op for a bias delta
@@ -95,21 +96,3 @@ def bias_grad(grad_y: Tensor, dtype_like: Tensor) -> Tensor:
         grad_y, part, M, N, rows, grad_y.stride(0), grad_y.stride(1),
     )
     return part.sum(0).to(dtype_like.dtype)
-
-
-def _setup_context(ctx, inputs, output):
-    y, bias = inputs
-    ctx.save_for_backward(bias)  # a parameter: only its dtype is needed
-
-
-def _backward(ctx, grad_out):
-    (bias,) = ctx.saved_tensors
-    grad_bias = bias_grad(grad_out, bias) if ctx.needs_input_grad[1] else None
-    return (grad_out if ctx.needs_input_grad[0] else None), grad_bias
-
-
-bias_add_fwd.register_autograd(_backward, setup_context=_setup_context)
-
-
-def bias_add(y2d: Tensor, bias: Tensor) -> Tensor:
-    return bias_add_fwd(y2d, bias)

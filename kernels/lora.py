@@ -1,6 +1,8 @@
-"""Fused LoRA linear: ``y = x W^T + b + s * (drop(x) A^T) B^T`` and its backward.
+"""LoRA linear launchers: ``y = x W^T + b + s * (drop(x) A^T) B^T`` and its gradients, two paths.
+The autograd around them (one for every path) lives in ``odelta_fast.ops.lora``; this module only
+launches kernels.
 
-Forward, two launches:
+*fused*: the Triton GEMMs carry the low-rank terms in their accumulators. Forward, two launches:
   1. shrink   ``xs = s drop(x) A^T``          (M x r, scaled), drawing the dropout mask once and
               storing it packed, 1 bit per element (M x K / 8 bytes)
   2. GEMM     ``y = x W^T`` accumulated onto ``xs B^T``, plus the bias; y is written once.
@@ -16,6 +18,10 @@ the three uses agree bit for bit and backward pays a byte load per element inste
 round. Scaling and ``1/(1-p)`` are folded into
 the rank-r operands, so each GEMM's low-rank term is one more ``tl.dot`` into its accumulator (no
 second accumulator: a 128 x 256 fp32 tile already takes half the register file).
+
+*split*: cuBLAS runs the two big GEMMs; Triton runs the shrink, the dY pass and dA as above, and
+writes the low-rank terms ``xs B^T + b`` and ``(gs A) * mask`` once each, which cuBLAS adds its GEMM
+onto (beta = 1): one write and one read of M x N (M x K) more than fused, no Triton GEMM.
 
 Grouped shrink (q/k/v sharing one input): ``lora_shrink_grouped`` computes ``drop_g(x) A_g^T`` for
 every group in one launch; group g draws its mask from ``seed + g``.
@@ -269,6 +275,43 @@ def _dropout_bits_kernel(seed_ptr, bits_ptr, M, K, stride_bits, p, BLOCK_M: tl.c
              pack_keep(uniform, p, BLOCK_M, BLOCK_K), mask=(offs_m < M)[:, None] & (offs_c * 8 < K)[None, :])
 
 
+@triton.jit
+def _lowrank_expand_kernel(
+    u_ptr, v_ptr, bias_ptr, bits_ptr, out_ptr,
+    M, N, R,
+    stride_um, stride_ur, stride_vn, stride_vr, stride_bias, stride_bits, stride_om, stride_on,
+    M_BUCKET,
+    HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    """out = (u v^T) * mask + bias for u (M x r), v (N x r): the split path's low-rank terms, written
+    once for cuBLAS to add its GEMM onto (beta = 1). Tile BLOCK_M x BLOCK_N, one rank-r dot."""
+    num_n = tl.cdiv(N, BLOCK_N)
+    pid_m = tl.program_id(0) // num_n
+    pid_n = tl.program_id(0) % num_n
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_r = tl.arange(0, BLOCK_R)
+    rm = offs_m.to(tl.int64)
+    rn = offs_n.to(tl.int64)
+    rr = offs_r.to(tl.int64)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    mask_r = offs_r < R
+    u = tl.load(u_ptr + rm[:, None] * stride_um + rr[None, :] * stride_ur,
+                mask=mask_m[:, None] & mask_r[None, :], other=0.0).to(DOT_DTYPE)
+    vt = tl.load(v_ptr + rr[:, None] * stride_vr + rn[None, :] * stride_vn,
+                 mask=mask_r[:, None] & mask_n[None, :], other=0.0).to(DOT_DTYPE)
+    out = tl.dot(u, vt, input_precision=PRECISION)
+    mask_mn = mask_m[:, None] & mask_n[None, :]
+    if HAS_MASK:
+        out = tl.where(load_keep(bits_ptr, stride_bits, offs_m, offs_n, mask_mn), out, 0.0)
+    if HAS_BIAS:
+        out += tl.load(bias_ptr + rn * stride_bias, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    tl.store(out_ptr + rm[:, None] * stride_om + rn[None, :] * stride_on, out.to(out_ptr.dtype.element_ty),
+             mask=mask_mn)
+
+
 # ============================================================================ launch configurations
 
 def gemm_smem_bound(config: triton.Config, cols: str, red: str, elem_bytes: int, block_r: int) -> int:
@@ -335,6 +378,18 @@ DA = Tuning("lora_bwd_da", _lora_bwd_da_kernel,
             [triton.Config({"BLOCK_M": 64, "BLOCK_K": 128}, num_warps=8, num_stages=2)])
 DROPOUT = Tuning("lora_dropout_bits", _dropout_bits_kernel,
                  [triton.Config({"BLOCK_M": 32, "BLOCK_K": 128}, num_warps=4, num_stages=1)])
+# The split path's low-rank term: a write-bound pass over M x N (or M x K), one rank-r dot per tile.
+EXPAND = Tuning(
+    "lora_expand", _lowrank_expand_kernel,
+    [triton.Config({"BLOCK_M": 128, "BLOCK_N": 128}, num_warps=8, num_stages=1),
+     triton.Config({"BLOCK_M": 64, "BLOCK_N": 256}, num_warps=8, num_stages=1),
+     triton.Config({"BLOCK_M": 64, "BLOCK_N": 128}, num_warps=4, num_stages=1),
+     triton.Config({"BLOCK_M": 16, "BLOCK_N": 256}, num_warps=4, num_stages=1)],
+    interpreter=triton.Config({"BLOCK_M": 64, "BLOCK_N": 128}, num_warps=4),
+    key=["M_BUCKET", "N", "R"],
+    prune=lambda configs, named_args, **kw: [c for c in configs if c.kwargs["BLOCK_M"] <= max(16, named_args["M_BUCKET"])]
+    or configs[-1:],
+)
 
 
 # ============================================================================ host launchers
@@ -377,20 +432,17 @@ def _gemm_grid(rows: int, cols: int, cols_key: str):
     return lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]) * triton.cdiv(cols, meta[cols_key]),)
 
 
-@triton_op("odelta_fast::lora_linear_triton_fwd", mutates_args=())
-def lora_linear_fwd(
+@triton_op("odelta_fast::lora_linear_fused_fwd", mutates_args=())
+def fused_forward(
     x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a: Tensor, lora_b: Tensor,
     scaling: float, dropout_p: float, seed: Tensor,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """``(y, xs, bits)`` for 2-D ``x (M, K)``: ``xs = s drop(x) A^T`` and the packed dropout mask
-    ``bits`` (empty without dropout) are what backward needs besides x."""
+    """The fused path: ``(y, xs, bits)`` for 2-D ``x (M, K)``, the low-rank term accumulated into the
+    GEMM's accumulator. ``xs = s drop(x) A^T`` and the packed dropout mask ``bits`` (empty without
+    dropout) are what backward needs besides x."""
     M, K = x.shape
     N, R = weight.shape[0], lora_a.shape[0]
-    xs = new_output((1, M, R), x.dtype, x.device)
-    bits = new_bits(M, K, x.device) if dropout_p > 0.0 else x.new_empty(0, dtype=torch.uint8)
-    lora_shrink_into(xs, x, lora_a.unsqueeze(0), dropout_p, seed, scaling * _inv_keep(dropout_p),
-                     bits if dropout_p > 0.0 else None)
-    xs = xs[0]
+    xs, bits = _shrink_with_mask(x, lora_a, scaling, dropout_p, seed)
     y = new_output((M, N), x.dtype, x.device)
     FWD.launch(
         _gemm_grid(M, N, "BLOCK_N"),
@@ -415,12 +467,19 @@ def _da_splits(M: int, K: int, device: torch.device) -> tuple[int, int]:
     return triton.cdiv(M, rows), rows  # no splits for M = 0: nothing is launched
 
 
-@triton_op("odelta_fast::lora_linear_triton_bwd", mutates_args=())
-def lora_linear_bwd(
+@triton_op("odelta_fast::lora_linear_fused_bwd", mutates_args=())
+def fused_backward(
     grad_y: Tensor, x: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor, xs: Tensor, bits: Tensor,
     scaling: float, dropout_p: float, need_x: bool, need_bias: bool, need_lora: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """``(grad_x, grad_bias, grad_a, grad_b)``; a gradient not asked for comes back empty."""
+    """The fused path's ``(grad_x, grad_bias, grad_a, grad_b)``; a gradient not asked for comes back
+    empty. dX's low-rank term is accumulated into its GEMM's accumulator."""
+    return _backward_pieces(grad_y, x, weight, lora_a, lora_b, xs, bits, scaling, dropout_p, need_x, need_bias,
+                            need_lora, fused_dx=True)
+
+
+def _backward_pieces(grad_y, x, weight, lora_a, lora_b, xs, bits, scaling, dropout_p, need_x, need_bias, need_lora,
+                     *, fused_dx: bool):
     M, K = x.shape
     N, R = weight.shape[0], lora_a.shape[0]
     dev, dtype = x.device, x.dtype
@@ -452,7 +511,11 @@ def lora_linear_bwd(
     grad_x, grad_bias, grad_a, grad_b = (grad_y.new_empty(0) for _ in range(4))
     bits_arg = bits if has_dropout else gs
     stride_bits = bits.stride(0) if has_dropout else 0
-    if need_x:
+    if need_x and not fused_dx:
+        # Split: the masked low-rank term written once, cuBLAS adds dY W onto it (beta = 1).
+        grad_x = lowrank_expand(gs, lora_a.t(), None, bits if has_dropout else None, dtype)
+        grad_x.addmm_(grad_y, weight)
+    elif need_x:
         grad_x = new_output((M, K), dtype, dev)
         DX.launch(
             _gemm_grid(M, K, "BLOCK_K"),
@@ -482,35 +545,58 @@ def lora_linear_bwd(
     return grad_x, grad_bias, grad_a, grad_b
 
 
-def _setup_context(ctx, inputs, output):
-    x, weight, bias, lora_a, lora_b, scaling, dropout_p, seed = inputs
-    # Saved: x (the caller holds it anyway), xs (M x r), the packed mask (M x K / 8 bytes, dropout
-    # only); parameters are not copies.
-    ctx.save_for_backward(x, weight, lora_a, lora_b, output[1], output[2])
-    ctx.scaling, ctx.dropout_p = scaling, dropout_p
+@triton_op("odelta_fast::lora_linear_split_fwd", mutates_args=())
+def split_forward(
+    x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a: Tensor, lora_b: Tensor,
+    scaling: float, dropout_p: float, seed: Tensor,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The split path: ``(y, xs, bits)`` like ``fused_forward``, with the big GEMM left to cuBLAS:
+    the shrink, then ``T = xs B^T + b`` written once, then ``y = T + x W^T`` (cuBLAS, beta = 1)."""
+    xs, bits = _shrink_with_mask(x, lora_a, scaling, dropout_p, seed)
+    y = lowrank_expand(xs, lora_b, bias, None, x.dtype)
+    y.addmm_(x, weight.t())
+    return y, xs, bits
 
 
-def _backward(ctx, grad_y, _grad_xs, _grad_bits):
-    x, weight, lora_a, lora_b, xs, bits = ctx.saved_tensors
-    need = ctx.needs_input_grad
-    grad_x, grad_bias, grad_a, grad_b = lora_linear_bwd(
-        grad_y, x, weight, lora_a, lora_b, xs, bits, ctx.scaling, ctx.dropout_p,
-        need[0], need[2], need[3] or need[4],
+@triton_op("odelta_fast::lora_linear_split_bwd", mutates_args=())
+def split_backward(
+    grad_y: Tensor, x: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor, xs: Tensor, bits: Tensor,
+    scaling: float, dropout_p: float, need_x: bool, need_bias: bool, need_lora: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The split path's gradients: the dY pass and dA in Triton, ``dX = (gs A) * mask + dY W`` as a
+    masked low-rank term written once plus cuBLAS's GEMM onto it (beta = 1)."""
+    return _backward_pieces(grad_y, x, weight, lora_a, lora_b, xs, bits, scaling, dropout_p, need_x, need_bias,
+                            need_lora, fused_dx=False)
+
+
+def _shrink_with_mask(x: Tensor, lora_a: Tensor, scaling: float, dropout_p: float, seed: Tensor):
+    """``(xs, bits)``: ``xs = s drop(x) A^T`` (M x r) and the packed mask drawn for it (empty if p = 0)."""
+    M, K = x.shape
+    R = lora_a.shape[0]
+    xs = new_output((1, M, R), x.dtype, x.device)
+    bits = new_bits(M, K, x.device) if dropout_p > 0.0 else x.new_empty(0, dtype=torch.uint8)
+    lora_shrink_into(xs, x, lora_a.unsqueeze(0), dropout_p, seed, scaling * _inv_keep(dropout_p),
+                     bits if dropout_p > 0.0 else None)
+    return xs[0], bits
+
+
+def lowrank_expand(u: Tensor, v: Tensor, bias: Optional[Tensor], bits: Optional[Tensor], dtype) -> Tensor:
+    """``(u v^T) * mask + bias`` as a new ``(M, N)`` tensor of ``dtype``; ``u (M, r)``, ``v (N, r)``
+    (any strides), ``bits`` an M x N packed keep mask or None."""
+    M, R = u.shape
+    N = v.shape[0]
+    out = new_output((M, N), dtype, u.device)
+    EXPAND.launch(
+        lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),),
+        u, v, bias if bias is not None else u, bits if bits is not None else u, out,
+        M, N, R,
+        u.stride(0), u.stride(1), v.stride(0), v.stride(1), bias.stride(0) if bias is not None else 0,
+        bits.stride(0) if bits is not None else 0, out.stride(0), out.stride(1),
+        m_bucket(M),
+        HAS_BIAS=bias is not None, HAS_MASK=bits is not None, DOT_DTYPE=dot_dtype(u.dtype),
+        PRECISION=dot_precision(u.dtype), BLOCK_R=pad_dim(R),
     )
-    # The base weight is frozen in LoRA; if a caller trains it anyway, torch computes dW.
-    grad_w = grad_y.t() @ x if need[1] else None
-    return (grad_x if need[0] else None, grad_w, grad_bias if need[2] else None,
-            grad_a if need[3] else None, grad_b if need[4] else None, None, None, None)
-
-
-lora_linear_fwd.register_autograd(_backward, setup_context=_setup_context)
-
-
-def lora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a: Tensor, lora_b: Tensor,
-                scaling: float, dropout_p: float, seed: Tensor) -> Tensor:
-    """Differentiable fused LoRA linear over 2-D ``x``; ``seed`` is an int64 tensor of one element
-    on x's device (ignored when ``dropout_p == 0``)."""
-    return lora_linear_fwd(x, weight, bias, lora_a, lora_b, scaling, dropout_p, seed)[0]
+    return out
 
 
 # ============================================================================ grouped shrink

@@ -72,15 +72,33 @@ class DeltaModule(routing.RouteHooks):
     def unmerge(self, target: nn.Module) -> None:
         merging.unmerge(target, self)
 
-    def backend_for(self, target: nn.Module) -> str:
-        """The concrete backend this delta's op runs on, for ``log()``."""
-        from .ops.backend import resolve_backend
+    def op_call(self, target: nn.Module) -> Optional[tuple[str, dict]]:
+        """The op this delta's forward runs on ``target`` and the shape arguments its backend
+        choice reads (LoRA: ``K``, ``N``, ``r``, ``dropout``); None where it runs plain torch."""
+        return None
 
-        device = next((p.device for p in self.parameters()), torch.device("cpu"))
+    def backend_for(self, target: nn.Module) -> str:
+        """What runs this delta's op on ``target`` (``log()`` shows it): the op layer's own decision
+        for the target's device and dtype, so a float64 module reads "eager" as it runs."""
+        from .ops.backend import backend_for, op_backends, resolve_backend
+
+        param = self._probe_parameter(target)
+        device = param.device if param is not None else torch.device("cpu")
+        dtype = param.dtype if param is not None else None
+        call = self.op_call(target)
         try:
-            return resolve_backend(type(self).__name__, self.backend, device, implemented=self.implemented_backends())
+            if call is not None and call[0] in op_backends():
+                return backend_for(call[0], device, self.backend, dtype=dtype, **call[1])
+            return resolve_backend(type(self).__name__, self.backend, device,
+                                   implemented=self.implemented_backends(), dtype=dtype)
         except ValueError:
             return f"{self.backend} unavailable"
+
+    def _probe_parameter(self, target: nn.Module) -> Optional[torch.Tensor]:
+        """The tensor whose device and dtype the op will see: the target's first floating weight,
+        else this delta's."""
+        param = next((p for p in target.parameters(recurse=False) if p.is_floating_point()), None)
+        return param if param is not None else next((p for p in self.parameters() if p.is_floating_point()), None)
 
     def implemented_backends(self) -> tuple[str, ...]:
         return ()
@@ -93,9 +111,7 @@ class DeltaModule(routing.RouteHooks):
 
         if self.backend in ("auto", "eager"):
             return
-        param = next((p for p in target.parameters(recurse=False) if p.is_floating_point()), None)
-        if param is None:
-            param = next((p for p in self.parameters() if p.is_floating_point()), None)
+        param = self._probe_parameter(target)
         if param is None:
             return
         resolve_backend(type(self).__name__, self.backend, param.device,

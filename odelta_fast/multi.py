@@ -142,6 +142,9 @@ class MultiLoraDelta(DeltaModule):
     def implemented_backends(self):
         return multi_lora.multi_lora_backends()
 
+    def op_call(self, target: nn.Module):
+        return multi_lora.SHRINK_OP, {"op_name": multi_lora.SHRINK_OP}
+
     def parallel(self, target: nn.Module, args, kwargs) -> Tensor:
         x = args[0] if args else (kwargs["input"] if "input" in kwargs else next(iter(kwargs.values())))
         return self._owner._update(self.bank, x, self.backend)

@@ -39,3 +39,24 @@ def test_triton_backend_matches_eager_on_a_model(arch):
     assert eager_grads.keys() == triton_grads.keys()
     for name, grad in eager_grads.items():
         assert torch.allclose(triton_grads[name], grad, atol=1e-4, rtol=1e-3), name
+
+
+def test_log_names_what_each_module_runs():
+    """``backend_for`` (what ``log()`` prints) is the op layer's decision for the target's own
+    device and dtype: a float64 module runs eager whatever ``auto`` would pick for float32, and a
+    Triton LoRA names its path (split until a GPU has measured the shape)."""
+    model, _ = tiny_model("llama")
+    lora = LoraModel(model, lora_r=4, backend="triton")
+    bitfit = BitFitModel(model, backend="triton")
+    slot = lora.slots[0]
+    assert slot.delta.backend_for(slot.target) == "split"
+    assert bitfit.slots[0].delta.backend_for(bitfit.slots[0].target) == "triton"
+    auto_model, _ = tiny_model("llama")
+    auto = LoraModel(auto_model.double(), lora_r=4)
+    slot = auto.slots[0]
+    assert slot.delta.backend_for(slot.target) == "eager"
+    from rich.console import Console
+
+    console = Console(record=True, width=200)
+    auto.log(console=console)
+    assert "lora:eager" in console.export_text()

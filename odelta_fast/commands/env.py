@@ -97,6 +97,9 @@ def collect() -> dict[str, Any]:
                    if not ok]
         backends["cuda"] = "no (missing: " + ", ".join(lacking) + ")"
     info["backends"] = backends
+    from ..ops import lora_dispatch
+
+    info["lora_paths"] = lora_dispatch.summary()
     info["env"] = {k: os.environ[k] for k in ("ODELTA_BACKEND", "ODELTA_VERBOSITY", "TRITON_INTERPRET",
                                               "CUDA_VISIBLE_DEVICES") if k in os.environ}
     return info
@@ -119,6 +122,7 @@ def run(args: argparse.Namespace) -> int:
         ("nvcc", info["nvcc"] or "not found"), ("ninja", info["ninja"] or "not found"),
     ]
     rows += [(f"backend {name}", state) for name, state in info["backends"].items()]
+    rows.append(("LoRA Triton path", info["lora_paths"]))
     rows += [(name, value) for name, value in info["env"].items()]
     width = max(len(name) for name, _ in rows)
     for name, value in rows:

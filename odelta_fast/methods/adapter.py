@@ -75,6 +75,9 @@ class AdapterDelta(DeltaModule):
     def implemented_backends(self):
         return ops.adapter.adapter_backends()
 
+    def op_call(self, target: nn.Module):
+        return "adapter_bottleneck", {}
+
 
 @dataclass
 class AdapterConfig(BaseDeltaConfig):

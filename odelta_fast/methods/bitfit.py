@@ -38,6 +38,9 @@ class BiasDelta(DeltaModule):
     def implemented_backends(self):
         return ops.bias_backends()
 
+    def op_call(self, target: nn.Module):
+        return "bias_add", {}
+
     def bias_vector(self) -> torch.Tensor:
         return self.bias
 

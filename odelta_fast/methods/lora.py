@@ -67,6 +67,10 @@ class LoraDelta(DeltaModule):
     def implemented_backends(self):
         return ops.lora.lora_backends()
 
+    def op_call(self, target: nn.Module):
+        # DoRA runs lora_linear inside dora_linear: the same decision.
+        return "lora_linear", dict(K=self.lora_A.shape[1], N=self.lora_B.shape[0], r=self.r, dropout=self.dropout > 0)
+
     def _weight(self, target: nn.Module) -> torch.Tensor:
         return target.weight.t() if self.fan_in_fan_out else target.weight
 

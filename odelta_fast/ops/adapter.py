@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .backend import has_dtensor, kernels, resolve_backend
+from .backend import backend_for, on_kernels_import, register_op
 from .checks import autocast_dtype, check_tensor
 
 OP = "adapter_bottleneck"
@@ -82,17 +82,20 @@ def adapter_bottleneck(
         check_tensor(OP, "layer_norm_weight", layer_norm_weight, (d,))
     check_tensor(OP, "layer_norm_bias", layer_norm_bias, (d,), optional=True)
     act = activation_fn(activation)
-    chosen = resolve_backend(OP, backend, h.device, implemented=adapter_backends(), dtype=dtype)
+    chosen = backend_for(OP, [h, down_weight, down_bias, up_weight, up_bias, residual], backend, dtype=dtype)
     z = h
     if layer_norm_weight is not None:
         # The layer norm runs as torch's own kernel before the fused bottleneck (not fused yet).
         z = F.layer_norm(h, (d,), layer_norm_weight.to(dtype),
                          layer_norm_bias.to(dtype) if layer_norm_bias is not None else None, layer_norm_eps)
-    if chosen == "triton" and not has_dtensor(h, down_weight, down_bias, up_weight, up_bias, residual):
+    if chosen == "triton":
         lead = h.shape[:-1]
         res2d = residual.to(dtype).reshape(-1, d_out) if residual is not None else None
-        out = kernels("adapter").adapter_bottleneck(
-            z.reshape(-1, d), down_weight, down_bias, up_weight, up_bias, res2d, activation, float(scaling))
+        z2d = z.reshape(-1, d)
+        needs_grad = torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (z2d, down_weight, down_bias, up_weight, up_bias))
+        out, _ = _triton_forward()(z2d, down_weight, down_bias, up_weight, up_bias, res2d, activation,
+                                   float(scaling), needs_grad)
         return out.reshape(*lead, d_out)
     out = F.linear(act(F.linear(z, down_weight, down_bias)), up_weight, up_bias)
     if scaling != 1.0:
@@ -102,3 +105,46 @@ def adapter_bottleneck(
 
 def adapter_backends() -> tuple[str, ...]:
     return ("triton",)
+
+
+register_op(OP, adapter_backends)
+
+
+# ----------------------------------------------------------------------------- Triton autograd
+# The launchers (odelta_fast.kernels.adapter) save nothing themselves: forward returns the fp32
+# M x bottleneck pre-activation beside y when a gradient will be needed, and this autograd keeps it.
+_TRITON: dict = {}
+
+
+def _setup_context(ctx, inputs, output):
+    h, down_weight, down_bias, up_weight, up_bias, residual, activation, scaling, save_pre = inputs
+    # h (alive in the caller anyway), the M x bottleneck pre-activation, and parameters.
+    ctx.save_for_backward(h, output[1], down_weight, up_weight)
+    ctx.has_down_bias, ctx.has_up_bias = down_bias is not None, up_bias is not None
+    ctx.activation, ctx.scaling = activation, scaling
+
+
+def _register_triton(kadapter) -> None:
+    def backward(ctx, grad_y, _grad_pre):
+        h, pre, down_weight, up_weight = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        need_w = any(need[i] for i in (1, 2, 3, 4))
+        dh, dwd, dbd, dwu, dbu = kadapter.adapter_bwd(grad_y, h, pre, down_weight, up_weight, ctx.has_down_bias,
+                                                      ctx.has_up_bias, ctx.activation, ctx.scaling, need[0], need_w)
+        # The residual's gradient is dY itself (no copy).
+        return (dh if need[0] else None, dwd if need[1] else None, dbd if need[2] else None,
+                dwu if need[3] else None, dbu if need[4] else None, grad_y if need[5] else None, None, None, None)
+
+    kadapter.adapter_fwd.register_autograd(backward, setup_context=_setup_context)
+    _TRITON["forward"] = kadapter.adapter_fwd
+
+
+on_kernels_import("adapter", _register_triton)
+
+
+def _triton_forward():
+    if "forward" not in _TRITON:
+        from .backend import kernels
+
+        kernels("adapter")
+    return _TRITON["forward"]

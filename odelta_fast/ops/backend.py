@@ -1,8 +1,12 @@
-"""Backend choice for every op: the one place that decides eager, Triton or CUDA.
+"""Backend choice for every op: the one place that decides eager, Triton (and for LoRA which Triton
+path, split or fused) or CUDA.
 
-``backend="auto"`` picks the fastest implementation available for the tensors' device;
-``ODELTA_BACKEND`` in the environment overrides the argument for a whole process, so a user
-can force the reference path without touching code.
+``backend_for(op, tensors or device, backend, dtype=..., **shape)`` is the decision: every op calls
+it before running, and ``delta.log()`` / ``odelta-fast env`` call it to say what runs. Each op
+module registers what it implements (``register_op``) and, where the choice depends on more than
+the device and dtype, a refinement (LoRA's path by measured shape; the CUDA extension's
+availability). ``ODELTA_BACKEND`` in the environment overrides the argument for a whole process,
+so a user can force the reference path without touching code.
 """
 from __future__ import annotations
 
@@ -13,11 +17,13 @@ import os
 import sys
 from pathlib import Path
 from types import ModuleType
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
-BACKENDS = ("auto", "eager", "triton", "cuda")
+# "split" and "fused" are LoRA linear's two Triton paths; "triton" lets its dispatch table choose.
+BACKENDS = ("auto", "eager", "triton", "split", "fused", "cuda")
+LORA_PATHS = ("split", "fused")
 ENV_VAR = "ODELTA_BACKEND"
 
 
@@ -50,7 +56,8 @@ def resolve_backend(
     op: str, backend: str, device: torch.device, implemented: tuple[str, ...],
     *, dtype: Optional[torch.dtype] = None,
 ) -> str:
-    """The concrete backend that runs ``op`` for tensors on ``device`` (and of ``dtype`` if given).
+    """The backend family that runs ``op`` for tensors on ``device`` (and of ``dtype`` if given):
+    the first step of ``backend_for``, kept for ops that need no refinement.
 
     ``implemented`` lists the backends this op has besides eager. An explicit request for a
     backend the op or the device lacks is an error: silently running something else would
@@ -60,6 +67,8 @@ def resolve_backend(
     """
     device = torch.device(device)
     choice = requested_backend(backend)
+    if choice in LORA_PATHS and choice not in implemented and os.environ.get(ENV_VAR) == choice:
+        choice = "triton"  # a process-wide LoRA path choice leaves the other ops on their kernels
     if choice == "auto":
         if (device.type == "cuda" and "triton" in implemented and triton_available()
                 and (dtype is None or dtype in TRITON_DTYPES)):
@@ -72,18 +81,57 @@ def resolve_backend(
             f"op {op!r} has no {choice!r} implementation; available: eager"
             + "".join(f", {b}" for b in implemented)
         )
-    if choice == "triton" and not triton_available():
-        raise ValueError(f"backend='triton' was requested for {op!r} but triton is not installed")
-    if choice == "triton" and dtype is not None and dtype not in TRITON_DTYPES:
-        raise ValueError(f"backend='triton' for {op!r} takes float16, bfloat16 or float32 tensors; got {dtype}")
+    if choice != "cuda" and not triton_available():
+        raise ValueError(f"backend={choice!r} was requested for {op!r} but triton is not installed")
+    if choice != "cuda" and dtype is not None and dtype not in TRITON_DTYPES:
+        raise ValueError(f"backend={choice!r} for {op!r} takes float16, bfloat16 or float32 tensors; got {dtype}")
     if choice == "cuda" and device.type != "cuda":
         raise ValueError(f"backend='cuda' for {op!r} needs CUDA tensors (got {device.type})")
-    if choice == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") != "1":
+    if choice != "cuda" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") != "1":
         raise ValueError(
-            f"backend='triton' for {op!r} needs CUDA tensors (got {device.type}); "
+            f"backend={choice!r} for {op!r} needs CUDA tensors (got {device.type}); "
             "set TRITON_INTERPRET=1 before importing odelta_fast to run the kernels on CPU"
         )
     return choice
+
+
+# ----------------------------------------------------------------------------- the decision
+# op -> (backends it implements besides eager, refinement or None). Filled by the op modules.
+_OPS: dict[str, tuple[Callable[[], tuple[str, ...]], Optional[Callable]]] = {}
+
+
+def register_op(op: str, implemented: Callable[[], tuple[str, ...]], refine: Optional[Callable] = None) -> None:
+    """Declare ``op``: ``implemented()`` lists its backends besides eager; ``refine(chosen, device=,
+    dtype=, requested=, **shape)`` turns the resolved family into what really runs (or None)."""
+    _OPS[op] = (implemented, refine)
+
+
+def op_backends() -> dict[str, Callable[[], tuple[str, ...]]]:
+    """op -> the function listing its backends besides eager."""
+    return {op: implemented for op, (implemented, _) in _OPS.items()}
+
+
+def backend_for(op: str, where, backend: str = "auto", *, dtype: Optional[torch.dtype] = None, **shape) -> str:
+    """What runs ``op``: ``"eager"``, ``"triton"``, ``"split"`` / ``"fused"`` (LoRA linear) or
+    ``"cuda"``. ``where`` is the op's tensors (a tensor or a sequence; their device and dtype, and a
+    DTensor among them sends the op to eager, whose torch ops DTensor shards itself) or a device;
+    ``shape`` what the op's choice depends on besides (LoRA: ``M``, ``K``, ``N``, ``r``, ``dropout``).
+    Raises ``ValueError`` exactly when the op call would."""
+    if op not in _OPS:
+        raise ValueError(f"unknown op {op!r}; expected one of {sorted(_OPS)}")
+    implemented, refine = _OPS[op]
+    tensors = [t for t in (where if isinstance(where, (list, tuple)) else [where]) if isinstance(t, torch.Tensor)]
+    if tensors:
+        device = tensors[0].device
+        dtype = dtype if dtype is not None else tensors[0].dtype
+    else:
+        device = torch.device(where)
+    chosen = resolve_backend(op, backend, device, implemented(), dtype=dtype)
+    if chosen != "eager" and has_dtensor(*tensors):
+        return "eager"
+    if refine is not None and chosen != "eager":
+        chosen = refine(chosen, device=device, dtype=dtype, requested=requested_backend(backend), **shape)
+    return chosen
 
 
 def has_dtensor(*tensors) -> bool:
@@ -94,7 +142,19 @@ def has_dtensor(*tensors) -> bool:
     return any(t is not None and hasattr(t, "placements") and hasattr(t, "to_local") for t in tensors)
 
 
+# ----------------------------------------------------------------------------- kernel modules
 _KERNEL_MODULES: dict[str, ModuleType] = {}
+_ON_IMPORT: dict[str, list[Callable[[ModuleType], None]]] = {}
+
+
+def on_kernels_import(name: str, hook: Callable[[ModuleType], None]) -> None:
+    """Run ``hook(module)`` once ``odelta_fast.kernels.<name>`` is imported (at once if it is):
+    how an op module registers its autograd on the launchers it uses without importing Triton."""
+    module = _KERNEL_MODULES.get(name)
+    if module is not None:
+        hook(module)
+    else:
+        _ON_IMPORT.setdefault(name, []).append(hook)
 
 
 def kernels(name: str) -> ModuleType:
@@ -103,6 +163,8 @@ def kernels(name: str) -> ModuleType:
     module = _KERNEL_MODULES.get(name)
     if module is None:
         module = _KERNEL_MODULES[name] = _import_kernels(name)
+        for hook in _ON_IMPORT.pop(name, []):
+            hook(module)
     return module
 
 

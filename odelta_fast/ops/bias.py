@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .backend import check_backend_name, has_dtensor, kernels, resolve_backend
+from .backend import backend_for, check_backend_name, on_kernels_import, register_op
 from .checks import check_tensor
 
 OP = "bias_add"
@@ -23,15 +23,43 @@ def bias_add(y: Tensor, bias: Tensor, *, backend: str = "auto") -> Tensor:
     check_tensor(OP, "bias", bias, (y.shape[-1],))
     if bias.device != y.device:
         raise ValueError(f"{OP}: argument 'bias' is on {bias.device}; expected {y.device} like 'y'")
-    chosen = resolve_backend(OP, backend, y.device, implemented=bias_backends(), dtype=y.dtype)
-    if chosen == "eager" or has_dtensor(y, bias):
+    chosen = backend_for(OP, [y, bias], backend, dtype=y.dtype)
+    if chosen == "eager":
         return y + bias.to(y.dtype)
-    out = kernels("bias").bias_add(y.reshape(-1, y.shape[-1]), bias)
+    out = _triton_forward()(y.reshape(-1, y.shape[-1]), bias)
     return out.reshape(y.shape)
 
 
 def bias_backends() -> tuple[str, ...]:
     return ("triton",)
+
+
+register_op(OP, bias_backends)
+_TRITON: dict = {}
+
+
+def _register_triton(kbias) -> None:
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[1])  # the bias: only its dtype is needed
+
+    def backward(ctx, grad_out):
+        (bias,) = ctx.saved_tensors
+        grad_bias = kbias.bias_grad(grad_out, bias) if ctx.needs_input_grad[1] else None
+        return (grad_out if ctx.needs_input_grad[0] else None), grad_bias
+
+    kbias.bias_add_fwd.register_autograd(backward, setup_context=setup_context)
+    _TRITON["forward"] = kbias.bias_add_fwd
+
+
+on_kernels_import("bias", _register_triton)
+
+
+def _triton_forward():
+    if "forward" not in _TRITON:
+        from .backend import kernels
+
+        kernels("bias")
+    return _TRITON["forward"]
 
 
 def linear_bias_delta(x: Tensor, weight: Tensor, bias, delta: Tensor, *, backend: str = "auto") -> Tensor:

@@ -1,4 +1,6 @@
-"""LoRA linear: ``y = x W^T + b + s * (drop(x) A^T) B^T`` as one op.
+"""LoRA linear: ``y = x W^T + b + s * (drop(x) A^T) B^T`` as one op, with one autograd for all of
+its implementations (eager; Triton's split and fused paths, whose launchers live in
+``odelta_fast.kernels.lora``) and one backend decision (``backend_for``).
 
 The eager implementation is the specification every other backend is tested against. It is a
 ``torch.library`` custom op with its own backward so that
@@ -17,7 +19,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .backend import has_dtensor, kernels, resolve_backend, triton_available
+from . import lora_dispatch
+from .backend import backend_for, kernels, on_kernels_import, register_op
 from .checks import autocast_dtype, check_probability, check_tensor
 
 OP = "lora_linear"
@@ -90,16 +93,17 @@ def _forward_impl(
     x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a: Tensor, lora_b: Tensor,
     scaling: float, dropout_p: float, seed: Tensor,
 ) -> tuple[Tensor, Tensor]:
+    """Eager forward: ``(y, xs)`` with ``xs = s drop(x) A^T`` (M x r), what every path saves."""
     if dropout_p == 0.0:
-        xa = x @ lora_a.t()
+        xs = (x @ lora_a.t()).mul_(scaling)
     else:
-        xa = (_masked_x(x, dropout_p, seed) @ lora_a.t()).mul_(1.0 / (1.0 - effective_dropout_p(dropout_p)))
+        xs = (_masked_x(x, dropout_p, seed) @ lora_a.t()).mul_(scaling / (1.0 - effective_dropout_p(dropout_p)))
     y = torch.addmm(bias, x, weight.t()) if bias is not None else x @ weight.t()
-    y.addmm_(xa, lora_b.t(), alpha=scaling)
-    return y, xa
+    y.addmm_(xs, lora_b.t())
+    return y, xs
 
 
-_lora_linear_fwd = torch.library.custom_op("odelta_fast::lora_linear_fwd", mutates_args=())(_forward_impl)
+_lora_linear_fwd = torch.library.custom_op("odelta_fast::lora_linear_eager_fwd", mutates_args=())(_forward_impl)
 
 
 @_lora_linear_fwd.register_fake
@@ -108,12 +112,13 @@ def _(x, weight, bias, lora_a, lora_b, scaling, dropout_p, seed):
 
 
 def _backward_impl(
-    grad_y: Tensor, x: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor, xa: Tensor,
-    scaling: float, dropout_p: float, seed: Tensor,
-    need_x: bool, need_weight: bool, need_bias: bool, need_lora: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    grad_y: Tensor, x: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor, xs: Tensor, seed: Tensor,
+    scaling: float, dropout_p: float, need_x: bool, need_bias: bool, need_lora: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Eager backward: ``(grad_x, grad_bias, grad_a, grad_b)``, the mask regenerated from ``seed``."""
+    grad_y = grad_y.contiguous()
     # Distinct empty placeholders: custom-op outputs may not alias each other.
-    grad_x, grad_weight, grad_bias, grad_a, grad_b = (grad_y.new_empty(0) for _ in range(5))
+    grad_x, grad_bias, grad_a, grad_b = (grad_y.new_empty(0) for _ in range(4))
     # dY B is small (M x r) and shared by dA and the low-rank part of dX.
     gb = grad_y @ lora_b if (need_x or need_lora) else None
     mask = None
@@ -130,45 +135,49 @@ def _backward_impl(
         # The mask's last use: turn it into x * mask in place instead of allocating a copy.
         dropped = x if mask is None else mask.mul_(x)
         grad_a = (gb.t() @ dropped).mul_(scaling * (keep_scale if mask is not None else 1.0))
-        grad_b = (grad_y.t() @ xa).mul_(scaling)
-    if need_weight:
-        grad_weight = (grad_y.t() @ x).contiguous()  # mm may hand back a transposed layout
+        grad_b = grad_y.t() @ xs
     if need_bias:
         grad_bias = grad_y.sum(0)
-    return grad_x, grad_weight, grad_bias, grad_a, grad_b
+    return grad_x, grad_bias, grad_a, grad_b
 
 
-_lora_linear_bwd = torch.library.custom_op("odelta_fast::lora_linear_bwd", mutates_args=())(_backward_impl)
+_lora_linear_bwd = torch.library.custom_op("odelta_fast::lora_linear_eager_bwd", mutates_args=())(_backward_impl)
 
 
 @_lora_linear_bwd.register_fake
-def _(grad_y, x, weight, lora_a, lora_b, xa, scaling, dropout_p, seed, need_x, need_weight, need_bias, need_lora):
+def _(grad_y, x, weight, lora_a, lora_b, xs, seed, scaling, dropout_p, need_x, need_bias, need_lora):
     def maybe(flag, like):
-        # Contiguous like the real gradients: empty_like would copy the strides of a transposed
-        # Conv1D weight view and disagree with what the implementation returns.
         return like.new_empty(like.shape) if flag else grad_y.new_empty(0)
 
-    return (maybe(need_x, x), maybe(need_weight, weight), grad_y.new_empty(weight.shape[0] if need_bias else 0),
+    return (maybe(need_x, x), grad_y.new_empty(weight.shape[0] if need_bias else 0),
             maybe(need_lora, lora_a), maybe(need_lora, lora_b))
 
 
+# ----------------------------------------------------------------------------- the autograd
+# One autograd for every implementation: each path's forward returns (y, xs[, packed mask]) and
+# its backward takes the same saved tensors; these two functions are registered on all of them.
 def _setup_context(ctx, inputs, output):
     x, weight, bias, lora_a, lora_b, scaling, dropout_p, seed = inputs
-    ctx.save_for_backward(x, weight, lora_a, lora_b, output[1], seed)
+    # Saved: x (the caller holds it anyway), xs (M x r) and the dropout mask's state: the packed
+    # mask (Triton paths, 1 bit per element) or the seed it is regenerated from (eager).
+    mask_state = output[2] if len(output) > 2 else seed
+    ctx.save_for_backward(x, weight, lora_a, lora_b, output[1], mask_state)
     ctx.scaling, ctx.dropout_p = scaling, dropout_p
 
 
-def _input_grads(ctx, grad_y, backward_fn) -> tuple:
-    """Run ``backward_fn`` on what the forward saved; gradients for the eight forward inputs."""
-    x, weight, lora_a, lora_b, xa, seed = ctx.saved_tensors
+def _gradients(ctx, grad_y, backward_fn) -> tuple:
+    """Gradients for the eight forward inputs from ``backward_fn`` (a path's backward)."""
+    x, weight, lora_a, lora_b, xs, mask_state = ctx.saved_tensors
     need = ctx.needs_input_grad
-    grad_x, grad_weight, grad_bias, grad_a, grad_b = backward_fn(
-        grad_y.contiguous(), x, weight, lora_a, lora_b, xa, ctx.scaling, ctx.dropout_p, seed,
-        need[0], need[1], need[2], need[3] or need[4],
+    grad_x, grad_bias, grad_a, grad_b = backward_fn(
+        grad_y, x, weight, lora_a, lora_b, xs, mask_state, ctx.scaling, ctx.dropout_p,
+        need[0], need[2], need[3] or need[4],
     )
+    # The base weight is frozen in LoRA; a caller who trains it anyway gets torch's dW.
+    grad_weight = (grad_y.t() @ x).contiguous() if need[1] else None  # mm may hand back a transposed layout
     return (
         grad_x if need[0] else None,
-        grad_weight if need[1] else None,
+        grad_weight,
         grad_bias if need[2] else None,
         grad_a if need[3] else None,
         grad_b if need[4] else None,
@@ -176,15 +185,12 @@ def _input_grads(ctx, grad_y, backward_fn) -> tuple:
     )
 
 
-def _backward(ctx, grad_y, _grad_xa):
-    return _input_grads(ctx, grad_y, _lora_linear_bwd)
-
-
-_lora_linear_fwd.register_autograd(_backward, setup_context=_setup_context)
+_lora_linear_fwd.register_autograd(lambda ctx, grad_y, _grad_xs: _gradients(ctx, grad_y, _lora_linear_bwd),
+                                   setup_context=_setup_context)
 
 
 class _LoraLinearEager(torch.autograd.Function):
-    """The custom op's own forward and backward, called without the custom-op dispatcher.
+    """The eager custom op's own forward and backward, called without the custom-op dispatcher.
 
     Outside ``torch.compile`` the dispatcher is pure overhead: measured ~0.1 ms per layer and
     training step on CPU, which made small layers slower than PEFT's (hidden 64: 1.28x). Under
@@ -192,13 +198,35 @@ class _LoraLinearEager(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, lora_a, lora_b, scaling, dropout_p, seed):
-        y, xa = _forward_impl(x, weight, bias, lora_a, lora_b, scaling, dropout_p, seed)
-        _setup_context(ctx, (x, weight, bias, lora_a, lora_b, scaling, dropout_p, seed), (y, xa))
+        y, xs = _forward_impl(x, weight, bias, lora_a, lora_b, scaling, dropout_p, seed)
+        _setup_context(ctx, (x, weight, bias, lora_a, lora_b, scaling, dropout_p, seed), (y, xs))
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
-        return _input_grads(ctx, grad_y, _backward_impl)
+        return _gradients(ctx, grad_y, _backward_impl)
+
+
+# The Triton paths: launchers in odelta_fast.kernels.lora (triton_op, so torch.compile sees the
+# kernels), with the autograd above registered on them when that module is first imported.
+_PATHS: dict[str, tuple] = {}
+
+
+def _register_triton_paths(klora) -> None:
+    for path, fwd, bwd in (("fused", klora.fused_forward, klora.fused_backward),
+                           ("split", klora.split_forward, klora.split_backward)):
+        fwd.register_autograd(lambda ctx, grad_y, _gxs, _gbits, bwd=bwd: _gradients(ctx, grad_y, bwd),
+                              setup_context=_setup_context)
+        _PATHS[path] = (fwd, bwd)
+
+
+on_kernels_import("lora", _register_triton_paths)
+
+
+def _triton_path(path: str):
+    if path not in _PATHS:
+        kernels("lora")  # imports the launchers; the hook registers their autograd
+    return _PATHS[path]
 
 
 # ----------------------------------------------------------------------------- public op
@@ -239,11 +267,10 @@ def lora_linear(
         bias = bias.to(cast_to) if bias is not None else None
     check_lora_linear_inputs(x, weight, bias, lora_a, lora_b, dropout_p)
     p = float(dropout_p) if training else 0.0
-    chosen = resolve_backend(OP, backend, x.device, implemented=lora_backends(), dtype=x.dtype)
-    if has_dtensor(x, weight, bias, lora_a, lora_b):
-        chosen = "eager"  # kernels take plain tensors; DTensor shards the eager ops itself
     lead_shape = x.shape[:-1]
     x2d = x.reshape(-1, x.shape[-1])
+    chosen = backend_for(OP, [x, weight, bias, lora_a, lora_b], backend, M=x2d.shape[0], K=x2d.shape[1],
+                         N=weight.shape[0], r=lora_a.shape[0], dropout=p > 0.0)
     if chosen == "eager":
         seed = new_dropout_seed() if p > 0.0 else _NO_SEED
         if torch.compiler.is_compiling():
@@ -251,8 +278,8 @@ def lora_linear(
         else:
             y = _LoraLinearEager.apply(x2d, weight, bias, lora_a, lora_b, float(scaling), p, seed)
     else:
-        y = kernels("lora").lora_linear(
-            x2d, weight, bias, lora_a, lora_b, float(scaling), p, device_dropout_seed(x.device, p))
+        forward, _ = _triton_path(chosen)
+        y = forward(x2d, weight, bias, lora_a, lora_b, float(scaling), p, device_dropout_seed(x.device, p))[0]
     return y.reshape(*lead_shape, weight.shape[0])
 
 
@@ -271,12 +298,34 @@ def device_dropout_seed(device: torch.device, dropout_p: float) -> Tensor:
 
 
 def lora_backends() -> tuple[str, ...]:
-    """Backends besides eager that implement this op."""
-    return ("triton",)
+    """Backends besides eager that implement this op: ``triton`` (the dispatch table picks the
+    path), or a path forced by name."""
+    return ("triton", "split", "fused")
+
+
+def _lora_path(chosen: str, *, device, dtype, requested: str, M=None, K=None, N=None, r=None, dropout=False,
+               **_) -> str:
+    """``triton`` (asked for, or picked by ``auto``) becomes the path the dispatch table measured
+    faster for this shape on this GPU, ``split`` where no GPU has measured it."""
+    if chosen in ("split", "fused"):
+        return chosen
+    if K is None or N is None or r is None:
+        return lora_dispatch.DEFAULT_PATH
+    return lora_dispatch.choose(device, dtype, M, K, N, r, dropout)
+
+
+register_op(OP, lora_backends, _lora_path)
 
 
 # ----------------------------------------------------------------------------- grouped shrink
 GROUPED_OP = "lora_shrink_grouped"
+
+
+def grouped_backends() -> tuple[str, ...]:
+    return ("triton",)
+
+
+register_op(GROUPED_OP, grouped_backends)
 
 
 def lora_shrink_grouped(
@@ -296,7 +345,7 @@ def lora_shrink_grouped(
         check_tensor(GROUPED_OP, f"lora_as[{i}]", a, (None, x.shape[-1]), like=x)
     check_probability(GROUPED_OP, "dropout_p", dropout_p)
     p = float(dropout_p) if training else 0.0
-    chosen = resolve_backend(GROUPED_OP, backend, x.device, implemented=lora_backends(), dtype=x.dtype)
+    chosen = backend_for(GROUPED_OP, x, backend)
     lead, K = x.shape[:-1], x.shape[-1]
     x2d = x.reshape(-1, K)
     if chosen == "eager":

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .backend import has_dtensor, kernels, resolve_backend, triton_available
+from .backend import backend_for, kernels, register_op, triton_available
 from .checks import check_tensor
 
 OP = "lora_merge_"
@@ -34,15 +34,13 @@ def lora_merge_(
     check_tensor(OP, "lora_a", lora_a, (None, k))
     check_tensor(OP, "lora_b", lora_b, (n, lora_a.shape[0]))
     lora_a, lora_b = lora_a.to(weight.device), lora_b.to(weight.device)
-    chosen = resolve_backend(OP, backend, weight.device, implemented=merge_backends(), dtype=weight.dtype)
-    if chosen == "cuda" and not has_dtensor(weight, lora_a, lora_b):
+    chosen = backend_for(OP, [weight, lora_a, lora_b], backend)
+    if chosen == "cuda":
         from . import cuda_ext
 
-        if cuda_ext.available():
-            cuda_ext.lora_merge_(weight, lora_a, lora_b, float(sign * scaling), fan_in_fan_out)
-            return weight
-        chosen = "triton" if triton_available() else "eager"  # available() has warned once already
-    if chosen == "triton" and not has_dtensor(weight, lora_a, lora_b):
+        cuda_ext.lora_merge_(weight, lora_a, lora_b, float(sign * scaling), fan_in_fan_out)
+        return weight
+    if chosen == "triton":
         kernels("merge").lora_merge_(weight, lora_a, lora_b, float(sign * scaling), fan_in_fan_out)
         return weight
     delta = lora_delta_weight(lora_a, lora_b, scaling, fan_in_fan_out=fan_in_fan_out)
@@ -59,3 +57,17 @@ def bias_merge_(bias: Tensor, delta: Tensor, *, sign: int = 1) -> Tensor:
 
 def merge_backends() -> tuple[str, ...]:
     return ("triton", "cuda")
+
+
+def cuda_or_fallback(chosen: str, **_) -> str:
+    """``cuda`` only where the extension builds (it warned once otherwise): Triton, else eager."""
+    if chosen != "cuda":
+        return chosen
+    from . import cuda_ext
+
+    if cuda_ext.available():
+        return "cuda"
+    return "triton" if triton_available() else "eager"
+
+
+register_op(OP, merge_backends, cuda_or_fallback)

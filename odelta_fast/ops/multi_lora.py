@@ -34,7 +34,7 @@ import torch
 from torch import Tensor
 
 from . import cuda_ext
-from .backend import kernels, requested_backend, resolve_backend, triton_available
+from .backend import backend_for, kernels, register_op, triton_available
 from .checks import check_tensor
 
 SHRINK_OP = "multi_lora_shrink"
@@ -100,23 +100,24 @@ def _layout(layout: str, m: int) -> str:
     return layout
 
 
-def _choose(op: str, backend: str, device: torch.device, dtype: torch.dtype) -> str:
-    """Resolve the backend; ``"cuda"`` falls back (one warning per process) where the extension
-    cannot be built, ``"auto"`` consults the measured table."""
-    chosen = resolve_backend(op, backend, device, implemented=multi_lora_backends(), dtype=dtype)
+def _refine(chosen: str, *, device: torch.device, dtype, requested: str, op_name: str = "", **_) -> str:
+    """``cuda`` falls back (one warning per process) where the extension cannot be built; ``auto``
+    consults the measured table (``cuda_ext.AUTO_TABLE``)."""
     if chosen == "cuda":
-        if device.type != "cuda":
-            raise ValueError(f"backend='cuda' for {op!r} needs CUDA tensors; got {device.type}")
         if dtype not in cuda_ext.CUDA_DTYPES:
-            raise ValueError(f"backend='cuda' for {op!r} takes float16, bfloat16 or float32 tensors; got {dtype}")
+            raise ValueError(f"backend='cuda' for {op_name!r} takes float16, bfloat16 or float32 tensors; got {dtype}")
         if cuda_ext.available():
             return "cuda"
         # The extension could not be built (available() warned once): Triton, else eager.
         return "triton" if triton_available() else "eager"
-    if chosen == "triton" and requested_backend(backend) == "auto":
-        if cuda_ext.auto_prefers_cuda(op) and cuda_ext.available():
+    if chosen == "triton" and requested == "auto":
+        if cuda_ext.auto_prefers_cuda(op_name) and cuda_ext.available():
             return "cuda"
     return chosen
+
+
+def _choose(op: str, backend: str, x: Tensor) -> str:
+    return backend_for(op, x, backend, op_name=op)
 
 
 def _as_2d(x: Tensor) -> Tensor:
@@ -177,7 +178,7 @@ def lora_shrink(
     _check_ids(SHRINK_OP, ids, M, x.device)
     if segments is not None:
         _check_segments(SHRINK_OP, segments, M, D, x.device)
-    chosen = _choose(SHRINK_OP, backend, x.device, x.dtype)
+    chosen = _choose(SHRINK_OP, backend, x)
     if chosen == "eager" or M == 0 or R == 0 or D == 0:
         t = _shrink_eager(x2d, stacked_a, ids)
     elif chosen == "cuda":
@@ -224,7 +225,7 @@ def lora_expand(
     if segments is not None:
         _check_segments(EXPAND_OP, segments, M, D, y.device)
     t2d = _as_2d(t)
-    chosen = _choose(EXPAND_OP, backend, y.device, y.dtype)
+    chosen = _choose(EXPAND_OP, backend, y)
     if chosen == "eager" or M == 0 or R == 0 or N == 0 or D == 0:
         _expand_eager(y2d, t2d, stacked_b, ids, scalings)
     elif chosen == "cuda":
@@ -254,6 +255,10 @@ def multi_lora_update(
 
 def multi_lora_backends() -> tuple[str, ...]:
     return ("triton", "cuda")
+
+
+register_op(SHRINK_OP, multi_lora_backends, _refine)
+register_op(EXPAND_OP, multi_lora_backends, _refine)
 
 
 # ----------------------------------------------------------------------------- float64 reference

@@ -1,6 +1,5 @@
 """Fixtures for the op tests (every backend against the float64 eager reference)."""
 import pytest
-import torch
 
 from opcheck import DEVICE, triton_ok
 

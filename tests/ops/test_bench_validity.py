@@ -48,15 +48,16 @@ def test_lora_rows_check_the_triton_provider(bench_modules, monkeypatch):
     rows = list(bench_kernels.lora_rows(torch.device("cpu"), torch.float32, "tiny"))
     assert rows and all(r.extra["valid"] is True for r in rows), [(r.provider, r.extra) for r in rows]
 
-    from odelta_fast.ops.backend import kernels
+    from odelta_fast.ops import lora as lora_op
 
-    klora = kernels("lora")
-    real = klora.lora_linear
+    for path in ("split", "fused"):
+        forward, backward = lora_op._triton_path(path)
 
-    def broken(x, *args):
-        return real(x, *args) * 1.1  # a wrong kernel
+        def broken(*args, forward=forward):
+            y, *rest = forward(*args)
+            return (y * 1.1, *rest)  # a wrong kernel
 
-    monkeypatch.setattr(klora, "lora_linear", broken)
+        monkeypatch.setitem(lora_op._PATHS, path, (broken, backward))
     rows = list(bench_kernels.lora_rows(torch.device("cpu"), torch.float32, "tiny"))
     triton_rows = [r for r in rows if r.provider == "triton"]
     assert triton_rows and all(r.extra["valid"] is False for r in triton_rows)

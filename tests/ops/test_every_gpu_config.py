@@ -78,11 +78,17 @@ LORA_SHAPES = [
 ]
 
 
-def exercise_lora(index, dtype):
-    from test_op_lora import check_lora, make_inputs
+def _exercise_lora(paths):
+    def run(index, dtype):
+        from test_op_lora import check_lora, make_inputs
 
-    for M, K, N, r, p, bias in _pick(LORA_SHAPES, index):
-        check_lora("triton", make_inputs((M,), K, N, r, dtype, DEVICE, bias=bias, gen_seed=M + K), 1.7, p, dtype)
+        for M, K, N, r, p, bias in _pick(LORA_SHAPES, index):
+            for path in paths:
+                check_lora(path, make_inputs((M,), K, N, r, dtype, DEVICE, bias=bias, gen_seed=M + K), 1.7, p, dtype)
+    return run
+
+
+exercise_lora = _exercise_lora(("fused", "split"))
 
 
 def exercise_lora_grouped(index, dtype):
@@ -166,7 +172,8 @@ def _exercise_multi(layout):
 
 
 EXERCISES = {
-    "lora_fwd": [exercise_lora], "lora_bwd_dx": [exercise_lora], "lora_bwd_dy": [exercise_lora],
+    "lora_fwd": [_exercise_lora(("fused",))], "lora_bwd_dx": [_exercise_lora(("fused",))],
+    "lora_expand": [_exercise_lora(("split",))], "lora_bwd_dy": [exercise_lora],
     "lora_bwd_da": [exercise_lora], "lora_dropout_bits": [exercise_lora],
     "lora_shrink": [exercise_lora, exercise_lora_grouped],
     "adapter_fwd": [exercise_adapter], "adapter_bwd": [exercise_adapter],

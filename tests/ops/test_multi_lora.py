@@ -4,7 +4,7 @@
 Triton runs compiled with CUDA, otherwise through Triton's interpreter (``tests/conftest.py``);
 fp32 and fp16 run everywhere, bfloat16 only on a GPU (skipped with a reason on CPU: the
 interpreter has no bfloat16). The CUDA C++ backend has its own GPU-only tests in
-``tests/test_cuda_ops.py``. Tolerance rule: see ``opcheck.py``.
+``tests/ops/test_cuda_ops.py``. Tolerance rule: see ``opcheck.py``.
 """
 from __future__ import annotations
 
