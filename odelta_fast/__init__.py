@@ -8,6 +8,7 @@ import logging as _logging
 import os as _os
 
 from .version import __version__
+from .addressing import TargetNotFoundError, UnmatchedSpecWarning
 from .auto import AutoDeltaConfig, AutoDeltaModel
 from .checkpoint import CheckpointError
 from .configs import BaseDeltaConfig
@@ -55,7 +56,7 @@ def __getattr__(name):
 __all__ = [
     "AdapterModel", "AutoDeltaConfig", "AutoDeltaModel", "BaseDeltaConfig", "BitFitModel", "CheckpointError",
     "CompacterModel",
-    "DeltaBase", "LoraModel", "LowRankAdapterModel", "MultiDelta", "ParallelAdapterModel", "PrefixModel", "SoftPromptModel",
-    "Visualization",
+    "DeltaBase", "LoraModel", "LowRankAdapterModel", "MultiDelta", "ParallelAdapterModel", "PrefixModel",
+    "SoftPromptModel", "TargetNotFoundError", "UnmatchedSpecWarning", "Visualization",
     "__version__",
 ]

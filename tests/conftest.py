@@ -1,6 +1,7 @@
 """Test-wide setup. Kept minimal: op-specific fixtures live in tests/ops/conftest.py."""
 import os
 
+import pytest
 import torch
 
 # Without CUDA the Triton kernels run on CPU through Triton's interpreter. It must be switched on
@@ -15,3 +16,12 @@ from hypothesis import settings  # noqa: E402
 settings.register_profile("odelta", deadline=None)
 settings.register_profile("odelta-ci", deadline=None, derandomize=True)
 settings.load_profile("odelta-ci" if os.environ.get("CI") else "odelta")
+
+
+@pytest.fixture
+def one_thread():
+    """Run a test on one intra-op thread (tiny models: threads only add overhead), restored after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -144,13 +144,8 @@ def hub(monkeypatch, tmp_path):
     return from_pretrained
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Width-64 models gain nothing from intra-op threads; on a busy 2-core machine they cost 3x.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# Models this small gain nothing from intra-op threads; on a busy 2-core machine they cost 3x.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---------------------------------------------------------------------------- helpers

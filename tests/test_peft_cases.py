@@ -31,13 +31,8 @@ from odelta_fast.markers import DELTA_PARAM_ATTR  # noqa: E402
 from tiny_models import tiny_model  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Models this small gain nothing from intra-op threads; on a busy 2-core machine they cost 3x.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# Models this small gain nothing from intra-op threads; on a busy 2-core machine they cost 3x.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---------------------------------------------------------------------------- PEFT's test models

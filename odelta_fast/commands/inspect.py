@@ -90,7 +90,7 @@ def _default_selection(model, method: str) -> tuple[list[str], list[str]]:
 def run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from ..addressing import candidate_paths, closest_candidates, select_modules
+    from ..addressing import TargetNotFoundError, candidate_paths, closest_candidates, select_modules
     from ..structure import structure_map
     from ..visualize import build_tree, parameter_summary
 
@@ -134,10 +134,10 @@ def run(args: argparse.Namespace) -> int:
     for spec in specs:
         try:
             selected = select_modules(model, [spec], args.exclude, structure=structure, module_types=types)
+        except TargetNotFoundError:
+            selected = []  # reported below with the closest candidates
         except ValueError as err:
-            if "matches no" not in str(err):
-                raise CLIError(f"--spec {spec}: {one_line(err)}")
-            selected = []
+            raise CLIError(f"--spec {spec}: {one_line(err)}")
         if selected:
             print(f"\nspec {spec!r} selects {len(selected)} {kind}{'s' if len(selected) != 1 else ''}:")
             _print_selection([path for path, _ in selected], structure)

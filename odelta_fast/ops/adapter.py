@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .backend import backend_for, on_kernels_import, register_op
+from .backend import backend_for, kernel_autograd, register_op
 from .checks import autocast_dtype, check_tensor
 
 OP = "adapter_bottleneck"
@@ -113,9 +113,6 @@ register_op(OP, adapter_backends)
 # ----------------------------------------------------------------------------- Triton autograd
 # The launchers (odelta_fast.kernels.adapter) save nothing themselves: forward returns the fp32
 # M x bottleneck pre-activation beside y when a gradient will be needed, and this autograd keeps it.
-_TRITON: dict = {}
-
-
 def _setup_context(ctx, inputs, output):
     h, down_weight, down_bias, up_weight, up_bias, residual, activation, scaling, save_pre = inputs
     # h (alive in the caller anyway), the M x bottleneck pre-activation, and parameters.
@@ -136,15 +133,7 @@ def _register_triton(kadapter) -> None:
                 dwu if need[3] else None, dbu if need[4] else None, grad_y if need[5] else None, None, None, None)
 
     kadapter.adapter_fwd.register_autograd(backward, setup_context=_setup_context)
-    _TRITON["forward"] = kadapter.adapter_fwd
+    return kadapter.adapter_fwd
 
 
-on_kernels_import("adapter", _register_triton)
-
-
-def _triton_forward():
-    if "forward" not in _TRITON:
-        from .backend import kernels
-
-        kernels("adapter")
-    return _TRITON["forward"]
+_triton_forward = kernel_autograd("adapter", _register_triton)

@@ -17,7 +17,7 @@ import os
 import sys
 from pathlib import Path
 from types import ModuleType
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -147,14 +147,28 @@ _KERNEL_MODULES: dict[str, ModuleType] = {}
 _ON_IMPORT: dict[str, list[Callable[[ModuleType], None]]] = {}
 
 
-def on_kernels_import(name: str, hook: Callable[[ModuleType], None]) -> None:
-    """Run ``hook(module)`` once ``odelta_fast.kernels.<name>`` is imported (at once if it is):
-    how an op module registers its autograd on the launchers it uses without importing Triton."""
+def kernel_autograd(name: str, register: Callable[[ModuleType], Any]) -> Callable[[], Any]:
+    """How an op module puts its autograd on the launchers of ``odelta_fast.kernels.<name>``
+    without importing Triton before it runs: ``register(module)`` runs once that module is
+    imported (at once if it is) and returns what the op calls (a launcher, or a dict of them);
+    the returned getter imports the module on first use and hands that back."""
+    registered: dict[str, Any] = {}
+
+    def hook(module: ModuleType) -> None:
+        registered["launchers"] = register(module)
+
     module = _KERNEL_MODULES.get(name)
     if module is not None:
         hook(module)
     else:
         _ON_IMPORT.setdefault(name, []).append(hook)
+
+    def launchers() -> Any:
+        if "launchers" not in registered:
+            kernels(name)
+        return registered["launchers"]
+
+    return launchers
 
 
 def kernels(name: str) -> ModuleType:

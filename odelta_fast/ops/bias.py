@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .backend import backend_for, check_backend_name, on_kernels_import, register_op
+from .backend import backend_for, check_backend_name, kernel_autograd, register_op
 from .checks import check_tensor
 
 OP = "bias_add"
@@ -35,9 +35,6 @@ def bias_backends() -> tuple[str, ...]:
 
 
 register_op(OP, bias_backends)
-_TRITON: dict = {}
-
-
 def _register_triton(kbias) -> None:
     def setup_context(ctx, inputs, output):
         ctx.save_for_backward(inputs[1])  # the bias: only its dtype is needed
@@ -48,18 +45,10 @@ def _register_triton(kbias) -> None:
         return (grad_out if ctx.needs_input_grad[0] else None), grad_bias
 
     kbias.bias_add_fwd.register_autograd(backward, setup_context=setup_context)
-    _TRITON["forward"] = kbias.bias_add_fwd
+    return kbias.bias_add_fwd
 
 
-on_kernels_import("bias", _register_triton)
-
-
-def _triton_forward():
-    if "forward" not in _TRITON:
-        from .backend import kernels
-
-        kernels("bias")
-    return _TRITON["forward"]
+_triton_forward = kernel_autograd("bias", _register_triton)
 
 
 def linear_bias_delta(x: Tensor, weight: Tensor, bias, delta: Tensor, *, backend: str = "auto") -> Tensor:

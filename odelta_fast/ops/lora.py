@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from . import lora_dispatch
-from .backend import backend_for, kernels, on_kernels_import, register_op
+from .backend import backend_for, kernel_autograd, kernels, register_op
 from .checks import autocast_dtype, check_probability, check_tensor
 
 OP = "lora_linear"
@@ -218,15 +218,14 @@ def _register_triton_paths(klora) -> None:
         fwd.register_autograd(lambda ctx, grad_y, _gxs, _gbits, bwd=bwd: _gradients(ctx, grad_y, bwd),
                               setup_context=_setup_context)
         _PATHS[path] = (fwd, bwd)
+    return _PATHS
 
 
-on_kernels_import("lora", _register_triton_paths)
+_triton_paths = kernel_autograd("lora", _register_triton_paths)
 
 
 def _triton_path(path: str):
-    if path not in _PATHS:
-        kernels("lora")  # imports the launchers; the hook registers their autograd
-    return _PATHS[path]
+    return _triton_paths()[path]
 
 
 # ----------------------------------------------------------------------------- public op
