@@ -17,6 +17,8 @@ from typing import Callable, Optional
 
 import torch
 
+from roofline import roofline_ms
+
 
 def device_of(name: Optional[str] = None) -> torch.device:
     if name:
@@ -176,6 +178,9 @@ def add_ratios(rows: list[dict], ceilings: dict) -> None:
                 row[f"ratio_vs_{ref}"] = row["ms"] / peers[ref]["ms"]
         row["fraction_of_gemm_peak"] = row["tflops"] / ceilings["gemm_tflops"] if ceilings.get("gemm_tflops") else None
         row["fraction_of_copy_bw"] = row["gbps"] / ceilings["copy_gbps"] if ceilings.get("copy_gbps") else None
+        if ceilings.get("gemm_tflops") and ceilings.get("copy_gbps"):
+            row["roofline_ms"] = roofline_ms(row["flops"], row["bytes"], ceilings["gemm_tflops"], ceilings["copy_gbps"])
+            row["fraction_of_roofline"] = row["roofline_ms"] / row["ms"]
 
 
 def write_record(out_dir, file_name: str, record: dict) -> Path:

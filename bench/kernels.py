@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from common import Row, check_output, time_ms
+from roofline import lora_bytes, lora_extra_passes
 
 LORA_GRIDS = {
     "full": dict(M=[2048, 8192, 16384], KN=[(4096, 4096), (4096, 11008)], r=[8, 16, 64], dropout=[0.0, 0.05]),
@@ -158,12 +159,15 @@ def lora_rows(device, dtype, small, providers=None) -> Iterator[Row]:
                         bwd_flops = 2 * M * N * K + flops_lora * (4 * M * N * r + 4 * M * K * r)
                         with torch.no_grad():
                             t = time_ms(lambda: fn(x), device, reps=20 if device.type != "cuda" else 100)
-                        yield _with_check(Row("lora", provider, "fwd", shape, str(dtype)[6:], t["ms"], t["ms_p20"],
-                                              t["ms_p80"], fwd_flops, (M * K + N * K + M * N) * es), check)
+                        row = Row("lora", provider, "fwd", shape, str(dtype)[6:], t["ms"], t["ms_p20"], t["ms_p80"],
+                                  fwd_flops, lora_bytes(provider, M, K, N, r, es, p, "fwd"),
+                                  {"extra_passes": lora_extra_passes(provider, p, "fwd")})
+                        yield _with_check(row, check)
                         t = time_ms(_fwd_bwd(fn, x, dy, params), device, reps=20 if device.type != "cuda" else 100)
-                        yield _with_check(Row("lora", provider, "fwd+bwd", shape, str(dtype)[6:], t["ms"], t["ms_p20"],
-                                              t["ms_p80"], fwd_flops + bwd_flops,
-                                              (M * K + N * K + M * N) * es + (M * N + N * K + 2 * M * K) * es), check)
+                        row = Row("lora", provider, "fwd+bwd", shape, str(dtype)[6:], t["ms"], t["ms_p20"],
+                                  t["ms_p80"], fwd_flops + bwd_flops, lora_bytes(provider, M, K, N, r, es, p, "fwd+bwd"),
+                                  {"extra_passes": lora_extra_passes(provider, p, "fwd+bwd")})
+                        yield _with_check(row, check)
 
 
 def _check_against_eager(provider, run, eager_run, dtype) -> dict:

@@ -22,6 +22,7 @@ sys.path.insert(0, str(HERE))
 import torch  # noqa: E402
 
 from common import add_ratios, device_of, environment, measure_ceilings  # noqa: E402
+from roofline import roofline_ms  # noqa: E402
 
 RESULTS = HERE / "results"
 README = HERE.parent / "README.md"
@@ -58,8 +59,12 @@ def run_suites(device, size: str, suites: list[str], providers, e2e: bool) -> di
             record["rows"].append(d)
             valid = d["extra"].get("valid")
             flag = "" if valid in (True, None) else f"  INVALID: {d['extra'].get('why_invalid')}"
+            limit = roofline_ms(d["flops"], d["bytes"], c["gemm_tflops"], c["copy_gbps"])
+            passes = d["extra"].get("extra_passes")
             print(f"{d['suite']:8} {d['mode']:8} {d['provider']:7} {json.dumps(d['shape']):60} "
-                  f"{d['ms']:9.3f} ms {d['tflops']:8.2f} TFLOP/s {d['gbps']:8.1f} GB/s{flag}", flush=True)
+                  f"{d['ms']:9.3f} ms {d['tflops']:8.2f} TFLOP/s {d['gbps']:8.1f} GB/s  roofline {limit:.3f} ms "
+                  f"({limit / d['ms']:.0%})" + (f", +{passes} passes" if passes is not None else "") + flag,
+                  flush=True)
     add_ratios(record["rows"], record["ceilings"])
     if e2e:
         from e2e_train import e2e_rows
@@ -77,13 +82,20 @@ def markdown(record: dict) -> str:
              f"{record['ceilings']['gemm_tflops']:.3g} TFLOP/s GEMM, {record['ceilings']['copy_gbps']:.3g} GB/s copy.",
              *([""] + ["**Toy sizes (`--small`): this run shows the suite works on this machine; its timings are "
                        "not a performance claim.** The GPU-size suite needs a CUDA device."] if record.get("small") else []),
-             "", "| suite | mode | shape | provider | ms | TFLOP/s | GB/s | vs base | vs eager | vs PEFT | vs copy "
-             "| output |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "", "Roofline: the larger of FLOPs at the measured GEMM peak and bytes at the measured copy bandwidth "
+                 "(`bench/roofline.py`); for LoRA, passes over the M x K and M x N tensors beyond the frozen base "
+                 "layer's, per path (`tests/ops/test_lora_passes.py` checks the model against the real launches).",
+             "", "| suite | mode | shape | provider | ms | TFLOP/s | GB/s | roofline ms (of it) | extra passes "
+             "| vs base | vs eager | vs PEFT | vs copy | output |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
 
     for r in record["rows"]:
+        limit = (f"{r['roofline_ms']:.3f} ({r['fraction_of_roofline']:.0%})" if r.get("roofline_ms") is not None
+                 else "")
+        passes = (r.get("extra") or {}).get("extra_passes")
         lines.append(f"| {r['suite']} | {r['mode']} | {_shape(r)} | {r['provider']} | {r['ms']:.3f} | "
-                     f"{r['tflops']:.1f} | {r['gbps']:.0f} | {_ratio_cells(r)} | {_validity(r)} |")
+                     f"{r['tflops']:.1f} | {r['gbps']:.0f} | {limit} | {'' if passes is None else passes} | "
+                     f"{_ratio_cells(r)} | {_validity(r)} |")
     return "\n".join(lines + _e2e_table(record)) + "\n"
 
 
