@@ -50,6 +50,24 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
+def segment_schedule(counts: torch.Tensor, rows: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """A block schedule over row segments (``counts[s]`` rows each, an expert's or a delta's):
+    ``(block_segment, block_row, grid)``, each program's segment (-1: none, the program exits) and
+    its first row inside it. Device ops only (no host read of the counts, so no synchronisation);
+    ``grid`` bounds the blocks from the row count alone (``sum(cdiv(c_s, B)) <= cdiv(S, B) + E``),
+    where a grid of ``cdiv(S, B) x E`` would launch a program per segment per possible block."""
+    E = counts.shape[0]
+    grid = triton.cdiv(rows, block_m) + E
+    blocks = (counts + block_m - 1) // block_m
+    ends = torch.cumsum(blocks, 0)
+    b = torch.arange(grid, device=counts.device)
+    segment = torch.searchsorted(ends, b, right=True)
+    first = ends - blocks
+    row = (b - first[segment.clamp(max=E - 1)]) * block_m
+    segment = torch.where(segment < E, segment, torch.full_like(segment, -1))
+    return segment, row, grid
+
+
 def pad_dim(n: int) -> int:
     """Power-of-two tile side >= MIN_DOT covering ``n`` (ranks, bottlenecks)."""
     return max(MIN_DOT, triton.next_power_of_2(int(n)))

@@ -18,32 +18,10 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .common import INTERPRET, dot_dtype, dot_precision, new_output, pad_dim
+from .common import Tuning, dot_dtype, dot_precision, new_output, pad_dim, segment_schedule
 
-# 16-row blocks waste least when an expert owns few rows (4096 tokens x top-2 over 128 experts:
-# 64 rows each on average); the interpreter pays per program, so it takes bigger blocks.
-_BLOCK_M = 16 if not INTERPRET else 32
-_BLOCK_K = 64
-_BLOCK_N = 128
-# Factor gradients: reduction over rows in chunks of this many (the dot's K side).
-_OUTER_BLOCK_M = 32
+# Factor gradients: the widest column tile of ``segment_outer`` (narrower outputs get their padded width).
 _OUTER_BLOCK_Q = 64
-
-
-def _schedule(counts: Tensor, rows: int, block_m: int) -> tuple[Tensor, Tensor, int]:
-    """``(block_expert, block_row, grid)``: each program's expert (-1: none) and its first row inside
-    that expert's segment. Device ops only; ``grid`` bounds the blocks from the row count alone
-    (``sum(cdiv(c_e, B)) <= cdiv(S, B) + E``)."""
-    E = counts.shape[0]
-    grid = triton.cdiv(rows, block_m) + E
-    blocks = (counts + block_m - 1) // block_m
-    ends = torch.cumsum(blocks, 0)
-    b = torch.arange(grid, device=counts.device)
-    expert = torch.searchsorted(ends, b, right=True)
-    first = ends - blocks
-    row = (b - first[expert.clamp(max=E - 1)]) * block_m
-    expert = torch.where(expert < E, expert, torch.full_like(expert, -1))
-    return expert, row, grid
 
 
 @triton.jit
@@ -145,6 +123,17 @@ def _outer_kernel(
              mask=mask_p[:, None] & mask_q[None, :])
 
 
+# ============================================================================ launch configurations
+# 16-row blocks waste least when an expert owns few rows (4096 tokens x top-2 over 128 experts:
+# 64 rows each on average); the interpreter pays per program, so it takes bigger blocks.
+SHRINK = Tuning("experts_lora_shrink", _shrink_kernel, [triton.Config({"BLOCK_M": 16, "BLOCK_K": 64}, num_warps=4)],
+                interpreter=triton.Config({"BLOCK_M": 32, "BLOCK_K": 64}, num_warps=4))
+EXPAND = Tuning("experts_lora_expand", _expand_kernel, [triton.Config({"BLOCK_M": 16, "BLOCK_N": 128}, num_warps=4)],
+                interpreter=triton.Config({"BLOCK_M": 32, "BLOCK_N": 128}, num_warps=4))
+# Factor gradients: reduction over rows in chunks of BLOCK_M (the dot's K side).
+OUTER = Tuning("experts_lora_outer", _outer_kernel, [triton.Config({"BLOCK_M": 32}, num_warps=4)])
+
+
 # ============================================================================ launchers
 
 
@@ -156,12 +145,12 @@ def shrink(x: Tensor, a: Tensor, starts: Tensor, counts: Tensor) -> Tensor:
     t = torch.zeros((S, R), dtype=torch.float32, device=x.device)
     if S == 0 or R == 0:
         return t
-    bexp, brow, grid = _schedule(counts, S, _BLOCK_M)
-    _shrink_kernel[(grid,)](
+    bexp, brow, grid = segment_schedule(counts, S, SHRINK.config().kwargs["BLOCK_M"])
+    SHRINK.launch(
+        lambda meta: (grid,),
         x, a, t, starts, counts, bexp, brow, K, R,
         x.stride(0), x.stride(1), a.stride(0), a.stride(1), a.stride(2), t.stride(0), t.stride(1),
-        DOT_DTYPE=dot_dtype(x.dtype), PRECISION=dot_precision(x.dtype),
-        BLOCK_M=_BLOCK_M, BLOCK_K=_BLOCK_K, BLOCK_R=pad_dim(R), num_warps=4,
+        DOT_DTYPE=dot_dtype(x.dtype), PRECISION=dot_precision(x.dtype), BLOCK_R=pad_dim(R),
     )
     return t
 
@@ -172,12 +161,12 @@ def expand_(y: Tensor, t: Tensor, b: Tensor, starts: Tensor, counts: Tensor, sca
     R = b.shape[2]
     if S == 0 or R == 0 or N == 0:
         return y
-    bexp, brow, grid = _schedule(counts, S, _BLOCK_M)
-    _expand_kernel[(grid, triton.cdiv(N, _BLOCK_N))](
+    bexp, brow, grid = segment_schedule(counts, S, EXPAND.config().kwargs["BLOCK_M"])
+    EXPAND.launch(
+        lambda meta: (grid, triton.cdiv(N, meta["BLOCK_N"])),
         y, t, b, starts, counts, bexp, brow, float(scaling), N, R,
         y.stride(0), y.stride(1), t.stride(0), t.stride(1), b.stride(0), b.stride(1), b.stride(2),
-        DOT_DTYPE=dot_dtype(y.dtype), PRECISION=dot_precision(y.dtype),
-        BLOCK_M=_BLOCK_M, BLOCK_N=_BLOCK_N, BLOCK_R=pad_dim(R), num_warps=4,
+        DOT_DTYPE=dot_dtype(y.dtype), PRECISION=dot_precision(y.dtype), BLOCK_R=pad_dim(R),
     )
     return y
 
@@ -194,10 +183,10 @@ def segment_outer(u: Tensor, v: Tensor, starts: Tensor, counts: Tensor) -> Tenso
     data = u.dtype if u.dtype != torch.float32 else v.dtype
     block_p = pad_dim(P) if P <= 64 else 64
     block_q = pad_dim(Q) if Q <= _OUTER_BLOCK_Q else _OUTER_BLOCK_Q
-    _outer_kernel[(E, triton.cdiv(P, block_p), triton.cdiv(Q, block_q))](
+    OUTER.launch(
+        lambda meta: (E, triton.cdiv(P, block_p), triton.cdiv(Q, block_q)),
         u, v, out, starts, counts, P, Q,
         u.stride(0), u.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1), out.stride(2),
-        DOT_DTYPE=dot_dtype(data), PRECISION=dot_precision(data),
-        BLOCK_M=_OUTER_BLOCK_M, BLOCK_P=block_p, BLOCK_Q=block_q, num_warps=4,
+        DOT_DTYPE=dot_dtype(data), PRECISION=dot_precision(data), BLOCK_P=block_p, BLOCK_Q=block_q,
     )
     return out

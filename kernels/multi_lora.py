@@ -5,9 +5,10 @@ Two layouts of the same math (see ``odelta_fast/ops/multi_lora.py``):
 * rows (BGMV style, decode): one program per row (times column blocks / reduction splits). A row
   is a vector, so the products are multiply-and-sum on CUDA cores instead of ``tl.dot``, which
   would waste 15 of its 16 tile rows on a single token.
-* segments (SGMV style, prefill): program ``(row block, delta d)`` gathers the rows of ``d`` through
-  the stably sorted row order, so dense ``tl.dot`` tiles run on the tensor cores. Programs whose
-  block lies past their delta's row count exit at once (their loops run zero times).
+* segments (SGMV style, prefill): each program gathers one block of the rows of one delta ``d``
+  through the stably sorted row order, so dense ``tl.dot`` tiles run on the tensor cores. A block
+  schedule built on the device (``common.segment_schedule``) gives ``cdiv(M, BLOCK_M) + D``
+  programs instead of a program per delta per possible block; the few past the schedule exit.
 
 The rank is padded inside the kernels to ``BLOCK_R = pad_dim(R)`` (a power of two >= 16, the
 smallest ``tl.dot`` side on NVIDIA): masked loads give zeros, so padding adds nothing. Ids outside
@@ -23,7 +24,7 @@ import triton.language as tl
 from torch import Tensor
 from torch.library import triton_op
 
-from .common import Tuning, deterministic, dot_dtype, dot_precision, num_sms, pad_dim
+from .common import Tuning, deterministic, dot_dtype, dot_precision, num_sms, pad_dim, segment_schedule
 
 # ============================================================================ kernels
 
@@ -93,70 +94,75 @@ def _expand_rows_kernel(
 
 @triton.jit
 def _shrink_segments_kernel(
-    x_ptr, a_ptr, order_ptr, starts_ptr, counts_ptr, t_ptr,
+    x_ptr, a_ptr, order_ptr, starts_ptr, counts_ptr, bseg_ptr, brow_ptr, t_ptr,
     K, R,
     stride_xm, stride_xk, stride_ad, stride_ar, stride_ak, stride_tm, stride_tr,
     DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
-    """t[rows] = x[rows] A[d]^T for the rows of delta d = program_id(1), block program_id(0)."""
-    d = tl.program_id(1).to(tl.int64)
-    m0 = tl.program_id(0) * BLOCK_M
-    start = tl.load(starts_ptr + d)
-    count = tl.load(counts_ptr + d)
-    offs_m = m0 + tl.arange(0, BLOCK_M)
-    mask_m = offs_m < count
-    rows = tl.load(order_ptr + start + offs_m, mask=mask_m, other=0)
-    offs_r = tl.arange(0, BLOCK_R)
-    rr = offs_r.to(tl.int64)
-    mask_r = offs_r < R
-    k_end = tl.where(m0 < count, K, 0)
-    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    for k0 in range(0, k_end, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        rk = offs_k.to(tl.int64)
-        mask_k = offs_k < K
-        x = tl.load(x_ptr + rows[:, None] * stride_xm + rk[None, :] * stride_xk,
-                    mask=mask_m[:, None] & mask_k[None, :], other=0.0).to(DOT_DTYPE)
-        a = tl.load(a_ptr + d * stride_ad + rk[:, None] * stride_ak + rr[None, :] * stride_ar,
-                    mask=mask_k[:, None] & mask_r[None, :], other=0.0).to(DOT_DTYPE)
-        acc = tl.dot(x, a, acc, input_precision=PRECISION)
-    tl.store(t_ptr + rows[:, None] * stride_tm + rr[None, :] * stride_tr, acc,
-             mask=mask_m[:, None] & mask_r[None, :])
+    """t[rows] = x[rows] A[d]^T for one block of delta d's rows (the block schedule's program_id(0))."""
+    pid = tl.program_id(0)
+    seg = tl.load(bseg_ptr + pid)
+    if seg >= 0:
+        d = seg.to(tl.int64)
+        m0 = tl.load(brow_ptr + pid)
+        start = tl.load(starts_ptr + d)
+        count = tl.load(counts_ptr + d)
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        mask_m = offs_m < count
+        rows = tl.load(order_ptr + start + offs_m, mask=mask_m, other=0)
+        offs_r = tl.arange(0, BLOCK_R)
+        rr = offs_r.to(tl.int64)
+        mask_r = offs_r < R
+        acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            rk = offs_k.to(tl.int64)
+            mask_k = offs_k < K
+            x = tl.load(x_ptr + rows[:, None] * stride_xm + rk[None, :] * stride_xk,
+                        mask=mask_m[:, None] & mask_k[None, :], other=0.0).to(DOT_DTYPE)
+            a = tl.load(a_ptr + d * stride_ad + rk[:, None] * stride_ak + rr[None, :] * stride_ar,
+                        mask=mask_k[:, None] & mask_r[None, :], other=0.0).to(DOT_DTYPE)
+            acc = tl.dot(x, a, acc, input_precision=PRECISION)
+        tl.store(t_ptr + rows[:, None] * stride_tm + rr[None, :] * stride_tr, acc,
+                 mask=mask_m[:, None] & mask_r[None, :])
 
 
 @triton.jit
 def _expand_segments_kernel(
-    y_ptr, t_ptr, b_ptr, order_ptr, starts_ptr, counts_ptr, scal_ptr,
+    y_ptr, t_ptr, b_ptr, order_ptr, starts_ptr, counts_ptr, bseg_ptr, brow_ptr, scal_ptr,
     N, R,
     stride_ym, stride_yn, stride_tm, stride_tr, stride_bd, stride_bn, stride_br,
     DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
-    """y[rows, n-block] += s[d] t[rows] B[d, n-block]^T; program (row block x column block, d)."""
-    d = tl.program_id(1).to(tl.int64)
-    num_n = tl.cdiv(N, BLOCK_N)
-    m0 = (tl.program_id(0) // num_n) * BLOCK_M
-    offs_n = (tl.program_id(0) % num_n) * BLOCK_N + tl.arange(0, BLOCK_N)
-    start = tl.load(starts_ptr + d)
-    count = tl.load(counts_ptr + d)
-    offs_m = m0 + tl.arange(0, BLOCK_M)
-    mask_m = offs_m < count
-    rows = tl.load(order_ptr + start + offs_m, mask=mask_m, other=0)
-    offs_r = tl.arange(0, BLOCK_R)
-    rr = offs_r.to(tl.int64)
-    mask_r = offs_r < R
-    mask_n = offs_n < N
-    # t is fp32; the dot takes it in the weights' dtype (16-bit tensor-core inputs, fp32 accumulate).
-    t = tl.load(t_ptr + rows[:, None] * stride_tm + rr[None, :] * stride_tr,
-                mask=mask_m[:, None] & mask_r[None, :], other=0.0).to(DOT_DTYPE)
-    bt = tl.load(b_ptr + d * stride_bd + rr[:, None] * stride_br + offs_n.to(tl.int64)[None, :] * stride_bn,
-                 mask=mask_r[:, None] & mask_n[None, :], other=0.0).to(DOT_DTYPE)
-    update = tl.dot(t, bt, input_precision=PRECISION) * tl.load(scal_ptr + d)
-    mask = mask_m[:, None] & mask_n[None, :]
-    y_ptrs = y_ptr + rows[:, None] * stride_ym + offs_n.to(tl.int64)[None, :] * stride_yn
-    y = tl.load(y_ptrs, mask=mask, other=0.0).to(tl.float32)
-    tl.store(y_ptrs, (y + update).to(y_ptr.dtype.element_ty), mask=mask)
+    """y[rows, n-block] += s[d] t[rows] B[d, n-block]^T; program (scheduled row block of delta d,
+    column block)."""
+    pid = tl.program_id(0)
+    seg = tl.load(bseg_ptr + pid)
+    if seg >= 0:
+        d = seg.to(tl.int64)
+        m0 = tl.load(brow_ptr + pid)
+        offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        start = tl.load(starts_ptr + d)
+        count = tl.load(counts_ptr + d)
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        mask_m = offs_m < count
+        rows = tl.load(order_ptr + start + offs_m, mask=mask_m, other=0)
+        offs_r = tl.arange(0, BLOCK_R)
+        rr = offs_r.to(tl.int64)
+        mask_r = offs_r < R
+        mask_n = offs_n < N
+        # t is fp32; the dot takes it in the weights' dtype (16-bit tensor-core inputs, fp32 accumulate).
+        t = tl.load(t_ptr + rows[:, None] * stride_tm + rr[None, :] * stride_tr,
+                    mask=mask_m[:, None] & mask_r[None, :], other=0.0).to(DOT_DTYPE)
+        bt = tl.load(b_ptr + d * stride_bd + rr[:, None] * stride_br + offs_n.to(tl.int64)[None, :] * stride_bn,
+                     mask=mask_r[:, None] & mask_n[None, :], other=0.0).to(DOT_DTYPE)
+        update = tl.dot(t, bt, input_precision=PRECISION) * tl.load(scal_ptr + d)
+        mask = mask_m[:, None] & mask_n[None, :]
+        y_ptrs = y_ptr + rows[:, None] * stride_ym + offs_n.to(tl.int64)[None, :] * stride_yn
+        y = tl.load(y_ptrs, mask=mask, other=0.0).to(tl.float32)
+        tl.store(y_ptrs, (y + update).to(y_ptr.dtype.element_ty), mask=mask)
 
 
 # ============================================================================ launch configurations
@@ -229,11 +235,12 @@ def shrink_segments(x: Tensor, stacked_a: Tensor, order: Tensor, starts: Tensor,
     M, K = x.shape
     D, R, _ = stacked_a.shape
     t = torch.zeros((M, R), dtype=torch.float32, device=x.device)
-    # Every delta might own all M rows: the grid covers that, surplus programs exit at once
-    # (no host read of the counts, so no synchronisation).
+    if M == 0:
+        return t
+    bseg, brow, blocks = segment_schedule(counts, M, SHRINK_SEGMENTS.config().kwargs["BLOCK_M"])
     SHRINK_SEGMENTS.launch(
-        lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), D),
-        x, stacked_a, order, starts, counts, t, K, R,
+        lambda meta: (blocks,),
+        x, stacked_a, order, starts, counts, bseg, brow, t, K, R,
         x.stride(0), x.stride(1), stacked_a.stride(0), stacked_a.stride(1), stacked_a.stride(2),
         t.stride(0), t.stride(1),
         DOT_DTYPE=dot_dtype(x.dtype), PRECISION=dot_precision(x.dtype), BLOCK_R=pad_dim(R),
@@ -247,9 +254,12 @@ def expand_segments(y: Tensor, t: Tensor, stacked_b: Tensor, order: Tensor, star
     """Like ``expand_rows`` with rows grouped by delta."""
     M, N = y.shape
     D, _, R = stacked_b.shape
+    if M == 0:
+        return
+    bseg, brow, blocks = segment_schedule(counts, M, EXPAND_SEGMENTS.config().kwargs["BLOCK_M"])
     EXPAND_SEGMENTS.launch(
-        lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]), D),
-        y, t, stacked_b, order, starts, counts, scalings, N, R,
+        lambda meta: (blocks, triton.cdiv(N, meta["BLOCK_N"])),
+        y, t, stacked_b, order, starts, counts, bseg, brow, scalings, N, R,
         y.stride(0), y.stride(1), t.stride(0), t.stride(1),
         stacked_b.stride(0), stacked_b.stride(1), stacked_b.stride(2),
         DOT_DTYPE=dot_dtype(y.dtype), PRECISION=dot_precision(y.dtype), BLOCK_R=pad_dim(R),

@@ -229,7 +229,7 @@ def collect_jobs(archs, dtypes, quick: bool = False) -> list[Job]:
     from odelta_fast.ops.backend import kernels
 
     common = kernels("common")
-    mods = {name: kernels(name) for name in ("lora", "adapter", "bias", "merge", "multi_lora")}
+    mods = {name: kernels(name) for name in ("lora", "adapter", "bias", "merge", "multi_lora", "experts_lora")}
     jobs: list[Job] = []
     seen = set()
     state = {"dtype": None, "variant": None, "quick": quick}
@@ -333,6 +333,12 @@ def _drive(mods, dtype, state):
         order, starts, counts = torch.arange(M), torch.zeros(D, dtype=torch.int64), torch.full((D,), M // D)
         multi.shrink_segments(x, sa, order, starts, counts)
         multi.expand_segments(rnd(M, N), torch.randn(M, r), sb, order, starts, counts, torch.ones(D))
+        # MoE experts: the same segments, one (A, B) per expert, and the factor gradients
+        experts = mods["experts_lora"]
+        t = experts.shrink(x, sa, starts, counts)
+        experts.expand_(rnd(M, N), t, sb, starts, counts, 2.0)
+        experts.segment_outer(rnd(M, N), t, starts, counts)
+        experts.segment_outer(rnd(M, N), x, starts, counts)
     state["variant"] = "aligned"
     lora.dropout_bits(seed, 64, 64, 0.1)
 

@@ -24,7 +24,7 @@ import torch
 from opcheck import DEVICE, assert_close_to_ref, needs_triton, noncontiguous, triton_ok
 
 FULL = os.environ.get("ODELTA_EVERY_CONFIG_FULL") == "1"
-KERNEL_MODULES = ("lora", "adapter", "bias", "merge", "multi_lora")
+KERNEL_MODULES = ("lora", "adapter", "bias", "merge", "multi_lora", "experts_lora")
 
 pytestmark = needs_triton
 
@@ -171,6 +171,13 @@ def _exercise_multi(layout):
     return run
 
 
+def exercise_experts(index, dtype):
+    from test_experts_lora import SHAPES, check_experts
+
+    for j, shape in enumerate(_pick(SHAPES, index)):
+        check_experts("triton", dtype, shape, transposed=j % 2 == 1)
+
+
 EXERCISES = {
     "lora_fwd": [_exercise_lora(("fused",))], "lora_bwd_dx": [_exercise_lora(("fused",))],
     "lora_expand": [_exercise_lora(("split",))], "lora_bwd_dy": [exercise_lora],
@@ -182,6 +189,8 @@ EXERCISES = {
     "multi_lora_shrink_rows": [_exercise_multi("rows")], "multi_lora_expand_rows": [_exercise_multi("rows")],
     "multi_lora_shrink_segments": [_exercise_multi("segments")],
     "multi_lora_expand_segments": [_exercise_multi("segments")],
+    "experts_lora_shrink": [exercise_experts], "experts_lora_expand": [exercise_experts],
+    "experts_lora_outer": [exercise_experts],
 }
 
 

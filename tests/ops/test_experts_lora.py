@@ -48,6 +48,12 @@ def grads(fn, tensors, dy):
 @pytest.mark.parametrize("dtype", kernel_dtypes())
 @pytest.mark.parametrize("shape,transposed", [(shape, False) for shape in SHAPES] + [(SHAPES[1], True), (SHAPES[3], True)])
 def test_forward_and_every_gradient_match_reference(backend, dtype, transposed, shape, poison):
+    check_experts(backend, dtype, shape, transposed)
+
+
+def check_experts(backend, dtype, shape, transposed):
+    """Forward and the gradients of x, weight, bias, A and B against float64 (also run by
+    ``test_every_gpu_config.py`` under every GPU config)."""
     rows, x, w, bias, a, b, dy = make_case(*shape, dtype, transposed)
     s = 1.7
     tensors = (x, w, bias, a, b)

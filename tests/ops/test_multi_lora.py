@@ -192,3 +192,37 @@ def test_extension_flags_target_the_device_arch_only():
         "-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90"]
     # No sm_90a: the kernels use no Hopper-specific instruction.
     assert not any("90a" in f for f in cuda_ext.nvcc_flags(["9.0"]))
+
+
+@needs_triton
+def test_segments_launch_one_program_per_real_row_block(monkeypatch, poison):
+    """The segments kernels run ``cdiv(M, BLOCK_M) + D`` programs (a device-side block schedule),
+    not one per delta per possible block; deltas with no rows, one delta owning every row and rows
+    of no delta still come out right."""
+    from odelta_fast.ops.backend import kernels
+
+    kml = kernels("multi_lora")
+    grids = {}
+    for tuning in (kml.SHRINK_SEGMENTS, kml.EXPAND_SEGMENTS):
+        real = tuning.launch
+
+        def launch(grid, *args, real=real, name=tuning.name, **kwargs):
+            grids[name] = grid({"BLOCK_N": 128})
+            return real(grid, *args, **kwargs)
+
+        monkeypatch.setattr(tuning, "launch", launch)
+    M, K, N, D, R = 70, 40, 50, 9, 8
+    block_m = kml.EXPAND_SEGMENTS.config().kwargs["BLOCK_M"]
+    for ids_of in (lambda g: torch.randint(-1, D, (M,), generator=g),   # some deltas empty, some rows none
+                   lambda g: torch.full((M,), 4)):                        # one delta owns every row
+        x, a, b, _, scal, y0 = make_case(M, K, N, D, R, torch.float32)
+        ids = ids_of(torch.Generator().manual_seed(5)).to(DEVICE)
+        seg = sort_segments(ids, D)
+        got = y0.clone()
+        lora_expand(got, lora_shrink(x, a, ids, layout="segments", segments=seg, backend="triton"), b, ids, scal,
+                    layout="segments", segments=seg, backend="triton")
+        want = y0.double() + multi_lora_reference(x, a, b, ids, scal)
+        torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4)
+        blocks = -(-M // block_m) + D
+        assert grids["multi_lora_shrink_segments"] == (blocks,)
+        assert grids["multi_lora_expand_segments"] == (blocks, -(-N // 128))
