@@ -286,13 +286,19 @@ def device_guard(args):
 # ============================================================================ shared device code
 
 @triton.jit
-def draw_uniform(seed, rows, cols, K):
-    """Uniform [0, 1) numbers for the elements (rows, cols) of an M x K input: philox from ``seed``
-    and the element's linear offset ``row * K + col`` in 64 bits (no wrap at M * K >= 2**31).
-    Element (m, k) is kept by dropout when its number is >= p. Drawn once per forward (in the
-    shrink), then stored packed (``pack_keep``) for backward."""
-    offs = rows.to(tl.int64)[:, None] * K + cols.to(tl.int64)[None, :]
-    return tl.rand(seed, offs)
+def draw_uniform(seed, rows, k0, K, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Uniform [0, 1) numbers for the tile (rows, k0 : k0 + BLOCK_K) of an M x K input. One philox
+    call gives four 32-bit numbers: columns 4c .. 4c + 3 of row m share the call with counter
+    ``m * cdiv(K, 4) + c`` (64 bits: no wrap at M * K >= 2**31), a quarter of the rounds of one
+    call per element. ``k0`` is a multiple of 4. Element (m, k) is kept by dropout when its number
+    is >= p. Drawn once per forward (in the shrink), then stored packed (``pack_keep``)."""
+    groups = k0 // 4 + tl.arange(0, BLOCK_K // 4)
+    counters = rows.to(tl.int64)[:, None] * tl.cdiv(K, 4) + groups.to(tl.int64)[None, :]
+    r0, r1, r2, r3 = tl.randint4x(seed, counters)
+    # join stacks on a new last axis: [..., i, j] is (r0, r2)[i] for j = 0 and (r1, r3)[i] for j = 1,
+    # so the flattened (i, j) runs r0, r1, r2, r3 within each group of four columns
+    lanes = tl.reshape(tl.join(tl.join(r0, r2), tl.join(r1, r3)), (BLOCK_M, BLOCK_K))
+    return tl.random.uint_to_uniform_float(lanes)
 
 
 @triton.jit

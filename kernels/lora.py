@@ -73,7 +73,7 @@ def _lora_shrink_kernel(
         mask_k = offs_k < K - k0
         x = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0).to(DOT_DTYPE)
         if HAS_DROPOUT:
-            uniform = draw_uniform(seed, offs_m, k0 + offs_k, K)
+            uniform = draw_uniform(seed, offs_m, k0, K, BLOCK_M, BLOCK_K)
             # A multiply, not tl.where: a select on the comparison makes the compiler move the
             # 1-bit mask between layouts through shared memory, which it then rejects.
             x = (x * tl.where(uniform >= p, 1.0, 0.0)).to(DOT_DTYPE)
@@ -268,9 +268,8 @@ def _dropout_bits_kernel(seed_ptr, bits_ptr, M, K, stride_bits, p, BLOCK_M: tl.c
     """The packed keep mask the shrink draws for ``seed``, alone (tests, and the grouped shrink's
     backward, which regenerates instead of storing)."""
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
     offs_c = tl.program_id(1) * (BLOCK_K // 8) + tl.arange(0, BLOCK_K // 8)
-    uniform = draw_uniform(tl.load(seed_ptr), offs_m, offs_k, K)
+    uniform = draw_uniform(tl.load(seed_ptr), offs_m, tl.program_id(1) * BLOCK_K, K, BLOCK_M, BLOCK_K)
     tl.store(bits_ptr + offs_m.to(tl.int64)[:, None] * stride_bits + offs_c.to(tl.int64)[None, :],
              pack_keep(uniform, p, BLOCK_M, BLOCK_K), mask=(offs_m < M)[:, None] & (offs_c * 8 < K)[None, :])
 

@@ -9,15 +9,20 @@ draw_uniform = kernels("common").draw_uniform
 
 
 @triton.jit
-def draw(seed_ptr, rows_ptr, cols_ptr, out_ptr, K, N: tl.constexpr):
-    """The dropout numbers at (rows x cols) of an M x K input, as the LoRA kernels draw them."""
+def draw(seed_ptr, rows_ptr, out_ptr, k0, K, N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The dropout numbers of the tile (rows, k0 : k0 + BLOCK_K) of an M x K input, as the LoRA
+    kernels draw them."""
     rows = tl.load(rows_ptr + tl.arange(0, N))
-    cols = tl.load(cols_ptr + tl.arange(0, N))
-    u = draw_uniform(tl.load(seed_ptr), rows, cols, K)
-    tl.store(out_ptr + tl.arange(0, N)[:, None] * N + tl.arange(0, N)[None, :], u)
+    u = draw_uniform(tl.load(seed_ptr), rows, k0, K, N, BLOCK_K)
+    tl.store(out_ptr + tl.arange(0, N)[:, None] * BLOCK_K + tl.arange(0, BLOCK_K)[None, :], u)
 
 
 @triton.jit
-def draw_flat(seed_ptr, offs_ptr, out_ptr, N: tl.constexpr):
-    """tl.rand at explicit (64-bit) offsets."""
-    tl.store(out_ptr + tl.arange(0, N), tl.rand(tl.load(seed_ptr), tl.load(offs_ptr + tl.arange(0, N))))
+def draw_flat(seed_ptr, counters_ptr, out_ptr, N: tl.constexpr):
+    """The four philox numbers at explicit (64-bit) counters, as uniforms: out[i, lane]."""
+    r0, r1, r2, r3 = tl.randint4x(tl.load(seed_ptr), tl.load(counters_ptr + tl.arange(0, N)))
+    base = out_ptr + tl.arange(0, N) * 4
+    tl.store(base, tl.random.uint_to_uniform_float(r0))
+    tl.store(base + 1, tl.random.uint_to_uniform_float(r1))
+    tl.store(base + 2, tl.random.uint_to_uniform_float(r2))
+    tl.store(base + 3, tl.random.uint_to_uniform_float(r3))

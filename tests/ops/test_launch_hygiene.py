@@ -183,21 +183,22 @@ def test_transposed_and_sliced_inputs_and_weights(poison):
 
 # ----------------------------------------------------------------------------- 64-bit offsets
 def test_dropout_offsets_do_not_wrap_at_2_to_the_32():
-    """Regression: the dropout counter m * K + k was int32, so at M * K >= 2**31 the mask repeated
-    (element (2**21, 0) of a K = 2**11 input drew the number of element (0, 0))."""
+    """Regression: the dropout counter was int32, so past 2**31 the mask repeated. Element (m, k)
+    takes lane k % 4 of the philox call at counter m * cdiv(K, 4) + k // 4 (64 bits): with K = 2**11,
+    row 2**23 is counter 2**32, which an int32 counter would wrap to row 0's."""
     from offset_kernels import draw, draw_flat
 
-    K = 2**11
+    K, k0, block_k = 2**11, 2032, 16  # the last 16 columns
     seed = torch.tensor([7], dtype=torch.int64, device=DEVICE)
-    rows = torch.tensor([0, 2**21, 2**21 + 1, 2**20], dtype=torch.int32, device=DEVICE)
-    cols = torch.tensor([0, 1, 5, 2047], dtype=torch.int32, device=DEVICE)
-    out = torch.empty(4, 4, device=DEVICE)
-    draw[(1,)](seed, rows, cols, out, K, N=4)
-    offsets = (rows.long()[:, None] * K + cols.long()[None, :]).reshape(-1)
-    flat = torch.empty(16, device=DEVICE)
-    draw_flat[(1,)](seed, offsets, flat, N=16)
-    torch.testing.assert_close(out.reshape(-1), flat, rtol=0, atol=0)
-    assert out[1, 0] != out[0, 0], "element (2**21, 0) drew the same number as (0, 0): the offset wrapped"
+    rows = torch.tensor([0, 2**23, 2**23 + 1, 2**22], dtype=torch.int32, device=DEVICE)
+    out = torch.empty(4, block_k, device=DEVICE)
+    draw[(1,)](seed, rows, out, k0, K, N=4, BLOCK_K=block_k)
+    groups = torch.arange(k0 // 4, (k0 + block_k) // 4, device=DEVICE)
+    counters = (rows.long()[:, None] * (K // 4) + groups[None, :]).reshape(-1)
+    flat = torch.empty(counters.numel(), 4, device=DEVICE)
+    draw_flat[(1,)](seed, counters, flat, N=counters.numel())
+    torch.testing.assert_close(out.reshape(-1), flat.reshape(-1), rtol=0, atol=0)
+    assert not torch.equal(out[1], out[0]), "row 2**23 drew row 0's numbers: the counter wrapped"
 
 
 def test_pointer_offsets_are_64_bit_in_every_kernel():
