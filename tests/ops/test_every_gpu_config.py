@@ -187,9 +187,8 @@ EXERCISES = {
     "bias_add": [exercise_bias], "bias_grad": [exercise_bias],
     "lora_merge": [exercise_merge],
     "multi_lora_shrink_rows": [_exercise_multi("rows")], "multi_lora_expand_rows": [_exercise_multi("rows")],
-    "multi_lora_shrink_segments": [_exercise_multi("segments")],
-    "multi_lora_expand_segments": [_exercise_multi("segments")],
-    "experts_lora_shrink": [exercise_experts], "experts_lora_expand": [exercise_experts],
+    "multi_lora_shrink_segments": [_exercise_multi("segments"), exercise_experts],
+    "multi_lora_expand_segments": [_exercise_multi("segments"), exercise_experts],
     "experts_lora_outer": [exercise_experts],
 }
 
