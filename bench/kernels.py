@@ -20,6 +20,11 @@ import torch.nn.functional as F
 from common import Row, check_output, time_ms
 from roofline import lora_bytes, lora_extra_passes
 
+from odelta_fast.ops.backend import LORA_PATHS
+
+# "triton" is what backend="auto" runs on a GPU; the LoRA paths can be timed each on their own.
+TRITON_PROVIDERS = ("triton", *LORA_PATHS)
+
 LORA_GRIDS = {
     "full": dict(M=[2048, 8192, 16384], KN=[(4096, 4096), (4096, 11008)], r=[8, 16, 64], dropout=[0.0, 0.05]),
     # The target shape only: what a time-boxed first GPU run (bench/gpu_check.sh) measures.
@@ -45,7 +50,7 @@ def _providers(device: torch.device, wanted: list[str] | None, available: list[s
 
     # Triton providers ("triton", LoRA's "split" / "fused" paths) are timed on a GPU only.
     usable = [p for p in available
-              if not (p in ("triton", "split", "fused") and (device.type != "cuda" or not triton_available()))]
+              if not (p in TRITON_PROVIDERS and (device.type != "cuda" or not triton_available()))]
     return [p for p in usable if wanted is None or p in wanted]
 
 
@@ -93,7 +98,7 @@ def _drawn_keep(provider, p, shape, device, dtype, seed):
     if p == 0.0:
         return None
     torch.manual_seed(seed)
-    if provider in ("triton", "split", "fused"):  # every Triton path draws its seed the same way
+    if provider in TRITON_PROVIDERS:  # every Triton path draws its seed the same way
         dev_seed = torch.randint(0, 2**62, (1,), dtype=torch.int64, device=device)
         return kernels("lora").dropout_keep_scale(dev_seed, shape, p)
     if provider == "eager":

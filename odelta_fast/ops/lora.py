@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from . import lora_dispatch
-from .backend import backend_for, kernel_autograd, kernels, register_op
+from .backend import LORA_PATHS, backend_for, kernel_autograd, kernels, register_op
 from .checks import autocast_dtype, check_probability, check_tensor
 
 OP = "lora_linear"
@@ -299,14 +299,14 @@ def device_dropout_seed(device: torch.device, dropout_p: float) -> Tensor:
 def lora_backends() -> tuple[str, ...]:
     """Backends besides eager that implement this op: ``triton`` (the dispatch table picks the
     path), or a path forced by name."""
-    return ("triton", "split", "fused")
+    return ("triton", *LORA_PATHS)
 
 
 def _lora_path(chosen: str, *, device, dtype, requested: str, M=None, K=None, N=None, r=None, dropout=False,
                **_) -> str:
     """``triton`` (asked for, or picked by ``auto``) becomes the path the dispatch table measured
     faster for this shape on this GPU, ``split`` where no GPU has measured it."""
-    if chosen in ("split", "fused"):
+    if chosen in LORA_PATHS:
         return chosen
     if K is None or N is None or r is None:
         return lora_dispatch.DEFAULT_PATH

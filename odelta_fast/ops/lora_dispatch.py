@@ -15,6 +15,8 @@ from typing import Optional
 
 import torch
 
+from .backend import LORA_PATHS
+
 TABLE = Path(__file__).with_name("lora_dispatch.json")
 DEFAULT_PATH = "split"
 FORMAT = 1
@@ -90,7 +92,7 @@ def entries_from_rows(rows: list[dict], capability_name: str, run: str) -> list[
     the faster path per shape, with both times and the run that measured them."""
     by_shape: dict = {}
     for row in rows:
-        if row.get("suite") != "lora" or row.get("mode") != "fwd+bwd" or row.get("provider") not in ("split", "fused"):
+        if row.get("suite") != "lora" or row.get("mode") != "fwd+bwd" or row.get("provider") not in LORA_PATHS:
             continue
         if (row.get("extra") or {}).get("valid") is False:
             continue
