@@ -80,19 +80,33 @@ class DeltaModule(routing.RouteHooks):
     def backend_for(self, target: nn.Module) -> str:
         """What runs this delta's op on ``target`` (``log()`` shows it): the op layer's own decision
         for the target's device and dtype, so a float64 module reads "eager" as it runs."""
+        try:
+            return self._decide_backend(target, self._probe_parameter(target))
+        except ValueError:
+            return f"{self.backend} unavailable"
+
+    def check_backend(self, target: nn.Module) -> None:
+        """Refuse, at attach time, an explicitly requested backend that cannot run this delta on
+        the target's device and dtype (``backend="triton"`` on CPU tensors without Triton's
+        interpreter, ``"cuda"`` on CPU), rather than fail at the first forward."""
+        if self.backend in ("auto", "eager"):
+            return
+        param = self._probe_parameter(target)
+        if param is not None:
+            self._decide_backend(target, param)
+
+    def _decide_backend(self, target: nn.Module, param: Optional[torch.Tensor]) -> str:
+        """The op layer's decision for ``param``'s device and dtype; ``ValueError`` where the call
+        would raise."""
         from .ops.backend import backend_for, op_backends, resolve_backend
 
-        param = self._probe_parameter(target)
         device = param.device if param is not None else torch.device("cpu")
         dtype = param.dtype if param is not None else None
         call = self.op_call(target)
-        try:
-            if call is not None and call[0] in op_backends():
-                return backend_for(call[0], device, self.backend, dtype=dtype, **call[1])
-            return resolve_backend(type(self).__name__, self.backend, device,
-                                   implemented=self.implemented_backends(), dtype=dtype)
-        except ValueError:
-            return f"{self.backend} unavailable"
+        if call is not None and call[0] in op_backends():
+            return backend_for(call[0], device, self.backend, dtype=dtype, **call[1])
+        return resolve_backend(type(self).__name__, self.backend, device,
+                               implemented=self.implemented_backends(), dtype=dtype)
 
     def _probe_parameter(self, target: nn.Module) -> Optional[torch.Tensor]:
         """The tensor whose device and dtype the op will see: the target's first floating weight,
@@ -102,20 +116,6 @@ class DeltaModule(routing.RouteHooks):
 
     def implemented_backends(self) -> tuple[str, ...]:
         return ()
-
-    def check_backend(self, target: nn.Module) -> None:
-        """Refuse, at attach time, an explicitly requested backend that cannot run this delta on
-        the target's device and dtype (``backend="triton"`` on CPU tensors without Triton's
-        interpreter, ``"cuda"`` on CPU), rather than fail at the first forward."""
-        from .ops.backend import resolve_backend
-
-        if self.backend in ("auto", "eager"):
-            return
-        param = self._probe_parameter(target)
-        if param is None:
-            return
-        resolve_backend(type(self).__name__, self.backend, param.device,
-                        implemented=self.implemented_backends(), dtype=param.dtype)
 
 
 # Addressing never selects a delta module or what it contains.
