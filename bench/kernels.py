@@ -48,10 +48,18 @@ def _with_check(row: Row, check: dict) -> Row:
 def _providers(device: torch.device, wanted: list[str] | None, available: list[str]) -> list[str]:
     from odelta_fast.ops.backend import triton_available
 
-    # Triton providers ("triton", LoRA's "split" / "fused" paths) are timed on a GPU only.
+    # Triton providers ("triton", LoRA's paths) are timed on a GPU only; the persistent path on a
+    # GPU with TMA only.
     usable = [p for p in available
-              if not (p in TRITON_PROVIDERS and (device.type != "cuda" or not triton_available()))]
+              if not (p in TRITON_PROVIDERS and (device.type != "cuda" or not triton_available()))
+              and not (p == "persistent" and not _persistent_runs(device))]
     return [p for p in usable if wanted is None or p in wanted]
+
+
+def _persistent_runs(device: torch.device) -> bool:
+    from odelta_fast.ops.backend import kernels
+
+    return kernels("lora").persistent_available(device)
 
 
 def _peft_lora_layer(weight: torch.Tensor, r: int, alpha: float, dropout: float, lora_a=None, lora_b=None):
@@ -132,9 +140,9 @@ def lora_rows(device, dtype, small, providers=None) -> Iterator[Row]:
     from odelta_fast import ops
 
     grid = LORA_GRIDS[_size(small)]
-    # "triton" is what backend="auto" runs (the dispatch table's path); "split" and "fused" time both
-    # paths, which is what `run.py --write-dispatch` turns into that table.
-    names = _providers(device, providers, ["base", "eager", "triton", "split", "fused", "peft"])
+    # "triton" is what backend="auto" runs (the dispatch table's path); each of LORA_PATHS is timed
+    # by name, which is what `run.py --write-dispatch` turns into that table.
+    names = _providers(device, providers, ["base", "eager", "triton", *LORA_PATHS, "peft"])
     for (K, N) in grid["KN"]:
         for r in grid["r"]:
             for p in grid["dropout"]:

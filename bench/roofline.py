@@ -24,6 +24,8 @@ LORA_PASSES = {
     "split": {False: {"fwd": (2, 3), "bwd": (4, 2)}, True: {"fwd": (2, 3), "bwd": (4, 2)}},
     # the low-rank terms inside the GEMM accumulators: the shrink, dA and the dY pass are the only extras
     "fused": {False: {"fwd": (2, 1), "bwd": (2, 2)}, True: {"fwd": (2, 1), "bwd": (2, 2)}},
+    # the fused path on the persistent TMA GEMM: the same launches, the same passes
+    "persistent": {False: {"fwd": (2, 1), "bwd": (2, 2)}, True: {"fwd": (2, 1), "bwd": (2, 2)}},
     # PEFT's Linear: base, lora_B(lora_A(dropout(x))) * scaling, then an add, each an op of its own
     "peft": {False: {"fwd": (2, 7), "bwd": (6, 5)}, True: {"fwd": (9, 7), "bwd": (9, 5)}},
 }
@@ -53,7 +55,7 @@ def lora_bytes(provider: str, M: int, K: int, N: int, r: int, elem_bytes: int, d
     mk, mn = lora_passes(provider, dropout, mode)
     gemms = 1 if mode == "fwd" else 2
     low_rank = 0 if provider == "base" else (r * (K + N) + 2 * M * r) * gemms
-    mask = M * K // 8 * (1 + 2 * (mode != "fwd")) if dropout > 0 and provider in ("split", "fused", "triton") else 0
+    mask = M * K // 8 * (1 + 2 * (mode != "fwd")) if dropout > 0 and provider in ("split", "fused", "persistent", "triton") else 0
     return (mk * M * K + mn * M * N + gemms * N * K + low_rank) * elem_bytes + mask
 
 

@@ -236,7 +236,7 @@ def main(argv=None) -> int:
     parser.add_argument("--update-readme", action="store_true")
     parser.add_argument("--report-only", action="store_true")
     parser.add_argument("--write-dispatch", action="store_true",
-                        help="write the faster LoRA path (split / fused) per measured shape into the table "
+                        help="write the fastest LoRA path (split / fused / persistent) per measured shape into the table "
                              "backend='auto' reads (odelta_fast/ops/lora_dispatch.json)")
     args = parser.parse_args(argv)
 
@@ -267,7 +267,8 @@ def main(argv=None) -> int:
 
 
 def write_dispatch(record: dict, run: str) -> None:
-    """The LoRA path table from this run's split / fused rows (a GPU run: CPU runs time neither)."""
+    """The LoRA path table from this run's split / fused / persistent rows (a GPU run: CPU runs time
+    none of them)."""
     from odelta_fast.ops import lora_dispatch
 
     capability = record["environment"].get("capability")

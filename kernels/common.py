@@ -142,8 +142,10 @@ class Tuning:
 
     def __init__(self, name: str, kernel, gpu: Sequence[triton.Config], *, interpreter: Optional[triton.Config] = None,
                  key: Optional[list[str]] = None, prune: Optional[Callable] = None,
-                 smem_bound: Optional[Callable] = None):
+                 smem_bound: Optional[Callable] = None, min_arch: int = 80):
         self.name = name
+        # The oldest GPU architecture (compute capability x 10) the kernel is launched on.
+        self.min_arch = min_arch
         self.kernel = kernel
         self.gpu = list(gpu)
         self.interpreter = interpreter if interpreter is not None else self.gpu[0]

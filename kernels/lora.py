@@ -19,6 +19,11 @@ round. Scaling and ``1/(1-p)`` are folded into
 the rank-r operands, so each GEMM's low-rank term is one more ``tl.dot`` into its accumulator (no
 second accumulator: a 128 x 256 fp32 tile already takes half the register file).
 
+*persistent*: the fused path with both GEMMs on one persistent kernel (``grid = #SMs``, each program
+walking output tiles) whose big operands move through TMA tensor descriptors, for Hopper and later;
+an operand TMA cannot copy (fp32, rows not 16-byte multiples, a unit stride on the wrong side)
+sends that GEMM to the pointer-based kernel (``tma_ready``).
+
 *split*: cuBLAS runs the two big GEMMs; Triton runs the shrink, the dY pass and dA as above, and
 writes the low-rank terms ``xs B^T + b`` and ``(gs A) * mask`` once each, which cuBLAS adds its GEMM
 onto (beta = 1): one write and one read of M x N (M x K) more than fused, no Triton GEMM.
@@ -28,6 +33,7 @@ every group in one launch; group g draws its mask from ``seed + g``.
 """
 from __future__ import annotations
 
+import contextvars
 from typing import Optional
 
 import torch
@@ -37,7 +43,7 @@ from torch import Tensor
 from torch.library import triton_op
 
 from .common import (
-    Tuning, deterministic, dot_dtype, dot_precision, draw_uniform, load_keep, m_bucket, new_output, num_sms,
+    INTERPRET, Tuning, deterministic, dot_dtype, dot_precision, draw_uniform, load_keep, m_bucket, new_output, num_sms,
     pack_keep, step64,
     pad_dim, swizzle_2d,
 )
@@ -311,22 +317,91 @@ def _lowrank_expand_kernel(
              mask=mask_mn)
 
 
+@triton.jit
+def _lowrank_gemm_persistent_kernel(
+    a_ptr, w_ptr, u_ptr, v_ptr, bias_ptr, bits_ptr, out_ptr,
+    M, C, RED, R,
+    stride_am, stride_w, stride_um, stride_ur, stride_vr, stride_vc, stride_om, stride_bias, stride_bits,
+    M_BUCKET,
+    W_ROWS_ARE_COLS: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_RED: tl.constexpr, BLOCK_R: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    """``out = (u v) * mask + a w (+ bias)`` over M x C, reducing over RED: the persistent path's GEMM,
+    forward (a = x, w = W with its rows the output columns, u v = xs B^T) and dX (a = dY, w = W with
+    its rows the reduction, u v = gs A, masked). Each program walks output tiles
+    ``program_id, program_id + num_programs, ...`` (one program per SM: no tail wave, and the next
+    tile's loads overlap this tile's epilogue); a, w and out move through TMA tensor descriptors
+    (bulk copies with hardware bounds handling, no address arithmetic in registers)."""
+    a_desc = tl.make_tensor_descriptor(a_ptr, shape=[M, RED], strides=[stride_am, 1],
+                                       block_shape=[BLOCK_M, BLOCK_RED])
+    if W_ROWS_ARE_COLS:
+        w_desc = tl.make_tensor_descriptor(w_ptr, shape=[C, RED], strides=[stride_w, 1],
+                                           block_shape=[BLOCK_C, BLOCK_RED])
+    else:
+        w_desc = tl.make_tensor_descriptor(w_ptr, shape=[RED, C], strides=[stride_w, 1],
+                                           block_shape=[BLOCK_RED, BLOCK_C])
+    out_desc = tl.make_tensor_descriptor(out_ptr, shape=[M, C], strides=[stride_om, 1],
+                                         block_shape=[BLOCK_M, BLOCK_C])
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_c = tl.cdiv(C, BLOCK_C)
+    offs_r = tl.arange(0, BLOCK_R)
+    mask_r = offs_r < R
+    for tile in tl.range(tl.program_id(0), num_m * num_c, tl.num_programs(0), flatten=True):
+        pid_m, pid_c = swizzle_2d(tile, num_m, num_c, GROUP_M)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+        mask_m = offs_m < M
+        mask_c = offs_c < C
+        # The low-rank term starts the accumulator, as in the pointer-based kernels.
+        u = tl.load(u_ptr + offs_m.to(tl.int64)[:, None] * stride_um + offs_r.to(tl.int64)[None, :] * stride_ur,
+                    mask=mask_m[:, None] & mask_r[None, :], other=0.0).to(DOT_DTYPE)
+        v = tl.load(v_ptr + offs_r.to(tl.int64)[:, None] * stride_vr + offs_c.to(tl.int64)[None, :] * stride_vc,
+                    mask=mask_r[:, None] & mask_c[None, :], other=0.0).to(DOT_DTYPE)
+        acc = tl.dot(u, v, input_precision=PRECISION)
+        if HAS_MASK:
+            acc = tl.where(load_keep(bits_ptr, stride_bits, offs_m, offs_c, mask_m[:, None] & mask_c[None, :]),
+                           acc, 0.0)
+        for red0 in range(0, RED, BLOCK_RED):
+            a = a_desc.load([pid_m * BLOCK_M, red0]).to(DOT_DTYPE)
+            if W_ROWS_ARE_COLS:
+                w = w_desc.load([pid_c * BLOCK_C, red0]).to(DOT_DTYPE).T
+            else:
+                w = w_desc.load([red0, pid_c * BLOCK_C]).to(DOT_DTYPE)
+            acc = tl.dot(a, w, acc, input_precision=PRECISION)
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + offs_c.to(tl.int64) * stride_bias, mask=mask_c, other=0.0).to(tl.float32)[None, :]
+        out_desc.store([pid_m * BLOCK_M, pid_c * BLOCK_C], acc.to(out_ptr.dtype.element_ty))
+
+
 # ============================================================================ launch configurations
 
-def gemm_smem_bound(config: triton.Config, cols: str, red: str, elem_bytes: int, block_r: int) -> int:
+def gemm_smem_bound(config: triton.Config, cols: str, red: str, elem_bytes: int, block_r: int,
+                    tma_store: bool = False, masked: bool = False) -> int:
     """An upper bound of the shared memory a GEMM config compiles to: the pipelined operand tiles
     (``num_stages`` copies of BLOCK_M x red and red x cols) plus the rank-r operands of the
-    low-rank term; ``tests/ops/compile_for_gpu.py`` checks it against the compiler for every config."""
+    low-rank term, plus, for a TMA-store kernel, the output tile the store is staged through and
+    the pipeline's barriers; ``tests/ops/compile_for_gpu.py`` checks it against the compiler for
+    every config."""
     kw = config.kwargs
     pipeline = config.num_stages * (kw["BLOCK_M"] * kw[red] + kw[red] * kw[cols]) * elem_bytes
     low_rank = (kw["BLOCK_M"] + kw[cols]) * block_r * elem_bytes
-    return pipeline + low_rank
+    if not tma_store:
+        return pipeline + low_rank
+    # The keep-mask bytes of an output tile change layout through shared memory, in the room the
+    # low-rank operands had before them (measured: r = 16 costs the mask's size, r = 64 nothing).
+    staged = max(low_rank, kw["BLOCK_M"] * kw[cols]) if masked else low_rank
+    epilogue = kw["BLOCK_M"] * kw[cols] * elem_bytes
+    barriers = 8 * (config.num_stages + 2)
+    return pipeline + staged + epilogue + barriers
 
 
-def _gemm_smem(cols: str, red: str):
+def _gemm_smem(cols: str, red: str, tma_store: bool = False):
     def bound(config, named_args, kwargs):
-        operand = named_args["x_ptr"] if "x_ptr" in named_args else named_args["dy_ptr"]
-        return gemm_smem_bound(config, cols, red, operand.element_size(), kwargs.get("BLOCK_R", 64))
+        operand = next(named_args[k] for k in ("x_ptr", "dy_ptr", "a_ptr") if k in named_args)
+        return gemm_smem_bound(config, cols, red, operand.element_size(), kwargs.get("BLOCK_R", 64), tma_store,
+                               bool(kwargs.get("HAS_MASK", False)))
     return bound
 
 
@@ -353,6 +428,7 @@ def _interpreter_gemm(cols: str, red: str) -> triton.Config:
 
 _AUTOTUNE_KEY = ["M_BUCKET", "N", "K", "R"]
 
+
 FWD = Tuning("lora_fwd", _lora_fwd_kernel, _gemm_configs("BLOCK_N", "BLOCK_K"),
              interpreter=_interpreter_gemm("BLOCK_N", "BLOCK_K"), key=_AUTOTUNE_KEY,
              smem_bound=_gemm_smem("BLOCK_N", "BLOCK_K"))
@@ -360,6 +436,26 @@ FWD = Tuning("lora_fwd", _lora_fwd_kernel, _gemm_configs("BLOCK_N", "BLOCK_K"),
 DX = Tuning("lora_bwd_dx", _lora_bwd_dx_kernel, _gemm_configs("BLOCK_K", "BLOCK_N"),
             interpreter=_interpreter_gemm("BLOCK_K", "BLOCK_N"), key=_AUTOTUNE_KEY,
             smem_bound=_gemm_smem("BLOCK_K", "BLOCK_N"))
+
+
+def _persistent_configs() -> list[triton.Config]:
+    """Tiles of the persistent TMA GEMM, 16-bit inputs only (fp32 runs the pointer-based kernel: no
+    tensor cores to feed): 128 rows, two warpgroups. 128 x 128 on one warpgroup spilled, and
+    128 x 256 spills at r = 64 with dropout, where its shared memory prunes it anyway."""
+    def cfg(bm, bc, br, warps, stages):
+        return triton.Config({"BLOCK_M": bm, "BLOCK_C": bc, "BLOCK_RED": br, "GROUP_M": 8},
+                             num_warps=warps, num_stages=stages)
+    return [cfg(128, 256, 64, 8, 3), cfg(128, 128, 64, 8, 4), cfg(128, 128, 64, 8, 3)]
+
+
+_PERSISTENT_KEY = ["M_BUCKET", "C", "RED", "R"]
+# The persistent GEMM serves both of the fused path's GEMMs, each tuned on its own.
+PERSISTENT_FWD = Tuning("lora_fwd_persistent", _lowrank_gemm_persistent_kernel, _persistent_configs(),
+                        interpreter=_interpreter_gemm("BLOCK_C", "BLOCK_RED"), key=_PERSISTENT_KEY,
+                        smem_bound=_gemm_smem("BLOCK_C", "BLOCK_RED", tma_store=True), min_arch=90)
+PERSISTENT_DX = Tuning("lora_bwd_dx_persistent", _lowrank_gemm_persistent_kernel, _persistent_configs(),
+                       interpreter=_interpreter_gemm("BLOCK_C", "BLOCK_RED"), key=_PERSISTENT_KEY,
+                       smem_bound=_gemm_smem("BLOCK_C", "BLOCK_RED", tma_store=True), min_arch=90)
 
 # The passes over M x K or M x N beside the GEMMs use fixed tiles: they are bandwidth-bound, and
 # the dY pass accumulates with atomics, which autotuning would replay. Two pipeline stages: three
@@ -423,7 +519,7 @@ def unpack_keep(bits: Tensor, K: int) -> Tensor:
     """The boolean M x K keep mask stored in ``bits``."""
     shifts = torch.arange(8, device=bits.device, dtype=torch.uint8)
     unpacked = (bits.unsqueeze(-1) >> shifts).bitwise_and_(1).bool()
-    return unpacked.reshape(bits.shape[0], -1)[:, :K]
+    return unpacked.reshape(bits.shape[0], bits.shape[1] * 8)[:, :K]
 
 
 def _gemm_grid(rows: int, cols: int, cols_key: str):
@@ -439,10 +535,27 @@ def fused_forward(
     """The fused path: ``(y, xs, bits)`` for 2-D ``x (M, K)``, the low-rank term accumulated into the
     GEMM's accumulator. ``xs = s drop(x) A^T`` and the packed dropout mask ``bits`` (empty without
     dropout) are what backward needs besides x."""
+    return _fused_forward(x, weight, bias, lora_a, lora_b, scaling, dropout_p, seed, persistent=False)
+
+
+@triton_op("odelta_fast::lora_linear_persistent_fwd", mutates_args=())
+def persistent_forward(
+    x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a: Tensor, lora_b: Tensor,
+    scaling: float, dropout_p: float, seed: Tensor,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The persistent path: the fused path with its GEMM on the persistent TMA-descriptor kernel
+    (the pointer-based one where an operand's layout rules TMA out, see ``tma_ready``)."""
+    return _fused_forward(x, weight, bias, lora_a, lora_b, scaling, dropout_p, seed, persistent=True)
+
+
+def _fused_forward(x, weight, bias, lora_a, lora_b, scaling, dropout_p, seed, *, persistent: bool):
     M, K = x.shape
     N, R = weight.shape[0], lora_a.shape[0]
     xs, bits = _shrink_with_mask(x, lora_a, scaling, dropout_p, seed)
     y = new_output((M, N), x.dtype, x.device)
+    if persistent and tma_ready(x, weight, y):
+        _persistent_gemm(PERSISTENT_FWD, x, weight, xs, lora_b.t(), bias, None, y, w_rows_are_cols=True)
+        return y, xs, bits
     FWD.launch(
         _gemm_grid(M, N, "BLOCK_N"),
         x, weight, bias if bias is not None else x, xs, lora_b, y,
@@ -454,6 +567,64 @@ def fused_forward(
         BLOCK_R=pad_dim(R),
     )
     return y, xs, bits
+
+
+# ---------------------------------------------------------------------------- the persistent GEMM
+def persistent_available(device: torch.device) -> bool:
+    """Whether the persistent path can run on ``device``: Triton with tensor descriptors (3.4 and
+    later) and TMA hardware (compute capability 9.0 and later); the interpreter runs it on CPU."""
+    if not hasattr(tl, "make_tensor_descriptor"):
+        return False
+    device = torch.device(device)
+    if device.type != "cuda":
+        return INTERPRET
+    return torch.cuda.get_device_capability(device) >= (9, 0)
+
+
+# TMA copies need 16-byte aligned base addresses and row strides, and unit column strides.
+TMA_ALIGNMENT = 16
+
+
+def tma_ready(*tensors: Tensor) -> bool:
+    """Whether the persistent GEMM takes these 2-D tensors: 16-bit, and each one readable or
+    writable through a TMA descriptor."""
+    return all(t.dtype in (torch.float16, torch.bfloat16) and t.dim() == 2 and t.stride(1) == 1 and (t.stride(0) * t.element_size()) % TMA_ALIGNMENT == 0
+               and t.data_ptr() % TMA_ALIGNMENT == 0 for t in tensors)
+
+
+# Programs the persistent kernel runs with under the interpreter (a GPU runs one per SM): more than
+# one, so the CPU tests walk the strided tile loop the way a GPU does.
+INTERPRETER_PROGRAMS = 3
+
+
+def _tma_scratch(size: int, alignment: int, stream) -> Tensor:
+    # Device-side descriptors are written to global memory before use: Triton asks for the room.
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def _persistent_gemm(tuning: Tuning, a: Tensor, w: Tensor, u: Tensor, v: Tensor, bias: Optional[Tensor],
+                     bits: Optional[Tensor], out: Tensor, *, w_rows_are_cols: bool) -> None:
+    """``out = (u v) * mask + a w' (+ bias)``, ``w' = w^T`` if ``w_rows_are_cols`` else ``w``;
+    ``u (M, r)``, ``v (r, C)`` any strides; a, w and out pass ``tma_ready``."""
+    M, RED = a.shape
+    C, R = out.shape[1], u.shape[1]
+    programs = num_sms(a.device) if a.device.type == "cuda" else INTERPRETER_PROGRAMS
+
+    def launch():
+        # Inside a copy of the caller's context: the allocator set here does not replace theirs.
+        triton.set_allocator(_tma_scratch)
+        tuning.launch(
+            lambda meta: (min(programs, triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(C, meta["BLOCK_C"])),),
+            a, w, u, v, bias if bias is not None else a, bits if bits is not None else a, out,
+            M, C, RED, R,
+            a.stride(0), w.stride(0), u.stride(0), u.stride(1), v.stride(0), v.stride(1), out.stride(0),
+            bias.stride(0) if bias is not None else 0, bits.stride(0) if bits is not None else 0,
+            m_bucket(M),
+            W_ROWS_ARE_COLS=w_rows_are_cols, HAS_BIAS=bias is not None, HAS_MASK=bits is not None,
+            DOT_DTYPE=dot_dtype(a.dtype), PRECISION=dot_precision(a.dtype), BLOCK_R=pad_dim(R),
+        )
+
+    contextvars.copy_context().run(launch)
 
 
 def _da_splits(M: int, K: int, device: torch.device) -> tuple[int, int]:
@@ -474,11 +645,23 @@ def fused_backward(
     """The fused path's ``(grad_x, grad_bias, grad_a, grad_b)``; a gradient not asked for comes back
     empty. dX's low-rank term is accumulated into its GEMM's accumulator."""
     return _backward_pieces(grad_y, x, weight, lora_a, lora_b, xs, bits, scaling, dropout_p, need_x, need_bias,
-                            need_lora, fused_dx=True)
+                            need_lora, dx_gemm="fused")
+
+
+@triton_op("odelta_fast::lora_linear_persistent_bwd", mutates_args=())
+def persistent_backward(
+    grad_y: Tensor, x: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor, xs: Tensor, bits: Tensor,
+    scaling: float, dropout_p: float, need_x: bool, need_bias: bool, need_lora: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The persistent path's gradients: the fused path's, with dX on the persistent TMA GEMM."""
+    return _backward_pieces(grad_y, x, weight, lora_a, lora_b, xs, bits, scaling, dropout_p, need_x, need_bias,
+                            need_lora, dx_gemm="persistent")
 
 
 def _backward_pieces(grad_y, x, weight, lora_a, lora_b, xs, bits, scaling, dropout_p, need_x, need_bias, need_lora,
-                     *, fused_dx: bool):
+                     *, dx_gemm: str):
+    """The gradients every path shares; ``dx_gemm`` says how dX's GEMM runs: ``split`` (cuBLAS onto
+    the masked low-rank term), ``fused`` (pointer-based Triton) or ``persistent`` (TMA Triton)."""
     M, K = x.shape
     N, R = weight.shape[0], lora_a.shape[0]
     dev, dtype = x.device, x.dtype
@@ -510,21 +693,25 @@ def _backward_pieces(grad_y, x, weight, lora_a, lora_b, xs, bits, scaling, dropo
     grad_x, grad_bias, grad_a, grad_b = (grad_y.new_empty(0) for _ in range(4))
     bits_arg = bits if has_dropout else gs
     stride_bits = bits.stride(0) if has_dropout else 0
-    if need_x and not fused_dx:
+    if need_x and dx_gemm == "split":
         # Split: the masked low-rank term written once, cuBLAS adds dY W onto it (beta = 1).
         grad_x = lowrank_expand(gs, lora_a.t(), None, bits if has_dropout else None, dtype)
         grad_x.addmm_(grad_y, weight)
     elif need_x:
         grad_x = new_output((M, K), dtype, dev)
-        DX.launch(
-            _gemm_grid(M, K, "BLOCK_K"),
-            grad_y, weight, gs, lora_a, grad_x, bits_arg,
-            M, N, K, R,
-            grad_y.stride(0), grad_y.stride(1), weight.stride(0), weight.stride(1), gs.stride(0), gs.stride(1),
-            lora_a.stride(0), lora_a.stride(1), grad_x.stride(0), grad_x.stride(1), stride_bits,
-            m_bucket(M),
-            HAS_DROPOUT=has_dropout, DOT_DTYPE=dot_t, PRECISION=prec, BLOCK_R=block_r,
-        )
+        if dx_gemm == "persistent" and tma_ready(grad_y, weight, grad_x):
+            _persistent_gemm(PERSISTENT_DX, grad_y, weight, gs, lora_a, None, bits if has_dropout else None, grad_x,
+                             w_rows_are_cols=False)
+        else:
+            DX.launch(
+                _gemm_grid(M, K, "BLOCK_K"),
+                grad_y, weight, gs, lora_a, grad_x, bits_arg,
+                M, N, K, R,
+                grad_y.stride(0), grad_y.stride(1), weight.stride(0), weight.stride(1), gs.stride(0), gs.stride(1),
+                lora_a.stride(0), lora_a.stride(1), grad_x.stride(0), grad_x.stride(1), stride_bits,
+                m_bucket(M),
+                HAS_DROPOUT=has_dropout, DOT_DTYPE=dot_t, PRECISION=prec, BLOCK_R=block_r,
+            )
     if need_lora:
         splits, rows = _da_splits(M, K, dev)
         parts = torch.zeros((max(splits, 1), block_r, K), dtype=torch.float32, device=dev)
@@ -565,7 +752,7 @@ def split_backward(
     """The split path's gradients: the dY pass and dA in Triton, ``dX = (gs A) * mask + dY W`` as a
     masked low-rank term written once plus cuBLAS's GEMM onto it (beta = 1)."""
     return _backward_pieces(grad_y, x, weight, lora_a, lora_b, xs, bits, scaling, dropout_p, need_x, need_bias,
-                            need_lora, fused_dx=False)
+                            need_lora, dx_gemm="split")
 
 
 def _shrink_with_mask(x: Tensor, lora_a: Tensor, scaling: float, dropout_p: float, seed: Tensor):

@@ -21,9 +21,10 @@ from typing import Any, Callable, Optional
 
 import torch
 
-# "split" and "fused" are LoRA linear's two Triton paths; "triton" lets its dispatch table choose.
-BACKENDS = ("auto", "eager", "triton", "split", "fused", "cuda")
-LORA_PATHS = ("split", "fused")
+# "split", "fused" and "persistent" are LoRA linear's Triton paths; "triton" lets its dispatch
+# table choose.
+BACKENDS = ("auto", "eager", "triton", "split", "fused", "persistent", "cuda")
+LORA_PATHS = ("split", "fused", "persistent")
 ENV_VAR = "ODELTA_BACKEND"
 
 
@@ -112,7 +113,7 @@ def op_backends() -> dict[str, Callable[[], tuple[str, ...]]]:
 
 
 def backend_for(op: str, where, backend: str = "auto", *, dtype: Optional[torch.dtype] = None, **shape) -> str:
-    """What runs ``op``: ``"eager"``, ``"triton"``, ``"split"`` / ``"fused"`` (LoRA linear) or
+    """What runs ``op``: ``"eager"``, ``"triton"``, a LoRA linear path (``LORA_PATHS``) or
     ``"cuda"``. ``where`` is the op's tensors (a tensor or a sequence; their device and dtype, and a
     DTensor among them sends the op to eager, whose torch ops DTensor shards itself) or a device;
     ``shape`` what the op's choice depends on besides (LoRA: ``M``, ``K``, ``N``, ``r``, ``dropout``).

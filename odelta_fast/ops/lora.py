@@ -214,7 +214,8 @@ _PATHS: dict[str, tuple] = {}
 
 def _register_triton_paths(klora) -> None:
     for path, fwd, bwd in (("fused", klora.fused_forward, klora.fused_backward),
-                           ("split", klora.split_forward, klora.split_backward)):
+                           ("split", klora.split_forward, klora.split_backward),
+                           ("persistent", klora.persistent_forward, klora.persistent_backward)):
         fwd.register_autograd(lambda ctx, grad_y, _gxs, _gbits, bwd=bwd: _gradients(ctx, grad_y, bwd),
                               setup_context=_setup_context)
         _PATHS[path] = (fwd, bwd)
@@ -306,11 +307,20 @@ def _lora_path(chosen: str, *, device, dtype, requested: str, M=None, K=None, N=
                **_) -> str:
     """``triton`` (asked for, or picked by ``auto``) becomes the path the dispatch table measured
     faster for this shape on this GPU, ``split`` where no GPU has measured it."""
+    if chosen == "persistent" and not kernels("lora").persistent_available(device):
+        raise ValueError(
+            f"backend='persistent' for {OP!r} needs a GPU with TMA (compute capability 9.0 or later; got "
+            f"{lora_dispatch.capability(torch.device(device))}) and Triton with tensor descriptors (3.4 or later); "
+            "backend='fused' is the same path with the pointer-based GEMM"
+        )
     if chosen in LORA_PATHS:
         return chosen
     if K is None or N is None or r is None:
         return lora_dispatch.DEFAULT_PATH
-    return lora_dispatch.choose(device, dtype, M, K, N, r, dropout)
+    path = lora_dispatch.choose(device, dtype, M, K, N, r, dropout)
+    if path == "persistent" and not kernels("lora").persistent_available(device):
+        return "fused"  # measured with a Triton that had tensor descriptors; this one has not
+    return path
 
 
 register_op(OP, lora_backends, _lora_path)

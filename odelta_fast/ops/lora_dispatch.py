@@ -1,8 +1,9 @@
 """Which Triton path runs a LoRA linear layer: a table of GPU measurements shipped with the package.
 
-Key: (GPU compute capability, dtype, M bucket, K, N, r, dropout on/off); value: the faster path,
-``split`` (cuBLAS for the two big GEMMs, Triton for everything small) or ``fused`` (Triton GEMMs
-with the low-rank terms in their accumulators), with both times and the benchmark run that measured
+Key: (GPU compute capability, dtype, M bucket, K, N, r, dropout on/off); value: the fastest path,
+``split`` (cuBLAS for the two big GEMMs, Triton for everything small), ``fused`` (Triton GEMMs
+with the low-rank terms in their accumulators) or ``persistent`` (the fused path on a persistent
+TMA-descriptor GEMM, Hopper and later), with every path's time and the benchmark run that measured
 them. ``bench/run.py --write-dispatch`` writes it from a GPU run; a shape no GPU has measured runs
 the split path, which cannot be slower than the eager path's cuBLAS GEMMs.
 """
@@ -63,8 +64,8 @@ def lookup(device: torch.device, dtype, M: int, K: int, N: int, r: int, dropout:
 
 def choose(device: torch.device, dtype, M: Optional[int], K: int, N: int, r: int, dropout: bool,
            path: Optional[str] = None) -> str:
-    """``split`` or ``fused`` for one call; with ``M=None`` (a module's path before it sees a batch,
-    for ``log()``) the path every measured token count agrees on, else ``split/fused by M``."""
+    """The path for one call; with ``M=None`` (a module's path before it sees a batch, for
+    ``log()``) the path every measured token count agrees on, else e.g. ``split/fused by M``."""
     if M is not None:
         entry = lookup(device, dtype, M, K, N, r, dropout, path)
         return entry["path"] if entry else DEFAULT_PATH
@@ -72,7 +73,7 @@ def choose(device: torch.device, dtype, M: Optional[int], K: int, N: int, r: int
     found = {e["path"] for key, e in load(path).items()
              if key[:2] == (cap, _dtype_name(dtype)) and key[3:] == (int(K), int(N), int(r), bool(dropout))}
     if len(found) > 1:
-        return "split/fused by M"
+        return "/".join(p for p in LORA_PATHS if p in found) + " by M"
     return found.pop() if found else DEFAULT_PATH
 
 
@@ -82,14 +83,14 @@ def summary() -> str:
     if not table:
         return f"{DEFAULT_PATH} for every shape (no GPU measurement shipped yet)"
     runs = sorted({e.get("run", "?") for e in table.values()})
-    fused = sum(e["path"] == "fused" for e in table.values())
-    return (f"{len(table)} measured shapes ({fused} fused, {len(table) - fused} split) from "
-            + "; ".join(runs) + f"; {DEFAULT_PATH} elsewhere")
+    counts = ", ".join(f"{sum(e['path'] == p for e in table.values())} {p}" for p in LORA_PATHS)
+    return f"{len(table)} measured shapes ({counts}) from " + "; ".join(runs) + f"; {DEFAULT_PATH} elsewhere"
 
 
 def entries_from_rows(rows: list[dict], capability_name: str, run: str) -> list[dict]:
-    """Table entries from benchmark rows (LoRA fwd+bwd, providers split and fused, both valid):
-    the faster path per shape, with both times and the run that measured them."""
+    """Table entries from benchmark rows (LoRA fwd+bwd, one valid row per path; split and fused
+    at least, persistent where the GPU runs it): the fastest path per shape, with every path's time
+    and the run that measured them."""
     by_shape: dict = {}
     for row in rows:
         if row.get("suite") != "lora" or row.get("mode") != "fwd+bwd" or row.get("provider") not in LORA_PATHS:
@@ -101,11 +102,11 @@ def entries_from_rows(rows: list[dict], capability_name: str, run: str) -> list[
         by_shape.setdefault(key, {})[row["provider"]] = row["ms"]
     entries = []
     for (dtype, M, K, N, r, dropout), times in sorted(by_shape.items()):
-        if set(times) != {"split", "fused"}:
+        if not {"split", "fused"} <= set(times):
             continue
         entries.append({"capability": capability_name, "dtype": dtype, "m_bucket": m_bucket(M), "K": K, "N": N,
                         "r": r, "dropout": dropout, "path": min(times, key=times.get),
-                        "split_ms": times["split"], "fused_ms": times["fused"], "run": run})
+                        **{f"{p}_ms": times[p] for p in LORA_PATHS if p in times}, "run": run})
     return entries
 
 

@@ -192,7 +192,7 @@ def compile_job(job: Job) -> Result:
         return Result(job, False, error=f"{type(err).__name__}: {str(err)[:1500]}", seconds=time.perf_counter() - start)
     ptx = kernel.asm["ptx"]
     result = Result(job, True, smem=int(kernel.metadata.shared), wgmma="wgmma.mma_async" in ptx,
-                    cp_async="cp.async" in ptx, tma="cp.async.bulk.tensor" in ptx)
+                    cp_async=re.search(r"cp\.async\.c[ag]", ptx) is not None, tma="cp.async.bulk.tensor" in ptx)
     log = captured.getvalue()
     if "registers" not in log:
         rc, log = _run_ptxas(ptx, job.arch)
@@ -237,6 +237,8 @@ def collect_jobs(archs, dtypes, quick: bool = False) -> list[Job]:
     def intercept(tuning, grid, *args, **kwargs):
         fn = tuning.kernel
         for arch in archs:
+            if arch < tuning.min_arch:
+                continue  # never launched there (the launcher checks the capability)
             from triton.compiler.compiler import make_backend
 
             backend = make_backend(GPUTarget("cuda", arch, 32))
@@ -292,7 +294,8 @@ def _choosable(common, tuning, args, kwargs, arch) -> set[int]:
 
 def _drive(mods, dtype, state):
     """The launches to compile: the benchmark-like aligned shape (every size divisible by 16:
-    the largest specialization), an odd shape, and a single token (M = 1 becomes a constant)."""
+    the largest specialization), an odd shape, a single token (M = 1 becomes a constant) and the
+    aligned shape at r = 16 (shared memory a small rank leaves to other uses, e.g. the dropout mask)."""
     lora, adapter, bias, merge, multi = (mods[n] for n in ("lora", "adapter", "bias", "merge", "multi_lora"))
     seed = torch.zeros(1, dtype=torch.int64)
 
@@ -300,18 +303,20 @@ def _drive(mods, dtype, state):
         return torch.randn(*shape).to(dtype)
 
     # quick: the aligned launch at r = 64 (the rank that takes the most registers and shared memory).
-    shapes = (("aligned", (256, 512, 512, 64)), ("odd", (130, 200, 100, 8)), ("M=1", (1, 512, 512, 64)))
+    shapes = (("aligned", (256, 512, 512, 64)), ("odd", (130, 200, 100, 8)), ("M=1", (1, 512, 512, 64)),
+              ("r=16", (256, 512, 512, 16)))
     for variant, (M, K, N, r) in shapes[:1] if state["quick"] else shapes:
         state["variant"] = variant
         x, w, b = rnd(M, K), rnd(N, K), rnd(N)
         a, bb = rnd(r, K), rnd(N, r)
         for p in (0.0, 0.1):
             for forward, backward in ((lora.fused_forward, lora.fused_backward),
-                                      (lora.split_forward, lora.split_backward)):
+                                      (lora.split_forward, lora.split_backward),
+                                      (lora.persistent_forward, lora.persistent_backward)):
                 y, xs, bits = forward(x, w, b, a, bb, 2.0, p, seed)
                 bits = lora.new_bits(M, K, "cpu") if p > 0 else bits
                 backward(rnd(M, N), x, w, a, bb, rnd(M, r), bits, 2.0, p, True, True, True)
-        if variant == "M=1":
+        if variant in ("M=1", "r=16"):
             continue
         lora.lora_shrink_grouped_fwd(x, rnd(3, r, K), 0.1, seed)
         for bottleneck in (64, 256):
@@ -388,7 +393,8 @@ def table(results: list[Result]) -> str:
         f"(Triton {triton.__version__}, torch {torch.__version__.split('+')[0]}; "
         + "; ".join(f"sm_{a}: ptxas {v}" for a, v in ptxas_versions.items()) + "). "
         "Shapes: `aligned` = every size a multiple of 16 (like the benchmark shapes: the largest "
-        "specialization), `odd` = K and N not multiples of 16, `M=1` = one token (a constant). "
+        "specialization), `odd` = K and N not multiples of 16, `M=1` = one token (a constant), `r=16` = the "
+        "aligned shape at rank 16 (the other variants use r = 64, which takes the most registers). "
         "Rows are the widest variant of each kernel, config, dtype and target (most registers; "
         "dropout, bias and activation variants folded). `choosable` = the autotuner may pick the "
         "config for that dtype on that target (others are pruned by shared memory or registers). "
@@ -396,8 +402,8 @@ def table(results: list[Result]) -> str:
         "registers 255 per thread.",
         "",
         "| kernel | config | dtype | target | choosable | registers | spill stores / loads (B) | shared memory (B) "
-        "| wgmma | cp.async | variants |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| wgmma | cp.async | TMA | variants |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     groups: dict = {}
     for res in results:
@@ -410,12 +416,12 @@ def table(results: list[Result]) -> str:
         j = worst.job
         variants = sorted({r.job.variant for r in rows})
         if not worst.ok:
-            cells = ["compile error", "", "", "", ""]
+            cells = ["compile error", "", "", "", "", ""]
         else:
             cells = [str(max(r.registers for r in rows)),
                      f"{max(r.spill_stores for r in rows)} / {max(r.spill_loads for r in rows)}",
                      str(max(r.smem for r in rows)), "yes" if any(r.wgmma for r in rows) else "no",
-                     "yes" if any(r.cp_async for r in rows) else "no"]
+                     "yes" if any(r.cp_async for r in rows) else "no", "yes" if any(r.tma for r in rows) else "no"]
         lines.append(f"| {j.kernel} | {j.config} | {j.dtype} | sm_{j.arch} | {'yes' if j.choosable else 'pruned'} | "
                      + " | ".join(cells) + f" | {len(rows)} ({', '.join(variants)}) |")
     return "\n".join(lines) + "\n"
@@ -449,7 +455,7 @@ def main(argv=None) -> int:
             status = "ok  " if res.ok else "FAIL"
             print(f"{status} {j.kernel:28} {j.config:36} {j.dtype} sm_{j.arch} {j.variant:8} regs {res.registers:3} "
                   f"spill {res.spill_stores}/{res.spill_loads} smem {res.smem:6} wgmma {int(res.wgmma)} "
-                  f"cp.async {int(res.cp_async)} {res.seconds:5.1f} s {'' if j.choosable else '(pruned)'}", flush=True)
+                  f"cp.async {int(res.cp_async)} tma {int(res.tma)} {res.seconds:5.1f} s {'' if j.choosable else '(pruned)'}", flush=True)
     problems, notes = verdicts(results)
     for line in notes:
         print("NOTE", line)

@@ -90,6 +90,22 @@ def _exercise_lora(paths):
 
 exercise_lora = _exercise_lora(("fused", "split"))
 
+# The persistent GEMM: 16-bit rows of 16-byte multiples (TMA-ready), K and N not multiples of 16.
+PERSISTENT_SHAPES = [
+    (130, 200, 136, 8, 0.1, True),
+    (33, 72, 264, 16, 0.0, False),
+    (1, 40, 24, 1, 0.2, False),
+    (130, 72, 56, 64, 0.1, True),
+]
+
+
+def exercise_lora_persistent(index, dtype):
+    from test_op_lora import check_lora, make_inputs
+
+    dtype = torch.float16 if dtype == torch.float32 else dtype  # fp32 runs the pointer-based GEMM
+    for M, K, N, r, p, bias in _pick(PERSISTENT_SHAPES, index):
+        check_lora("persistent", make_inputs((M,), K, N, r, dtype, DEVICE, bias=bias, gen_seed=M + K), 1.7, p, dtype)
+
 
 def exercise_lora_grouped(index, dtype):
     from odelta_fast.ops import lora_shrink_grouped
@@ -180,6 +196,7 @@ def exercise_experts(index, dtype):
 
 EXERCISES = {
     "lora_fwd": [_exercise_lora(("fused",))], "lora_bwd_dx": [_exercise_lora(("fused",))],
+    "lora_fwd_persistent": [exercise_lora_persistent], "lora_bwd_dx_persistent": [exercise_lora_persistent],
     "lora_expand": [_exercise_lora(("split",))], "lora_bwd_dy": [exercise_lora],
     "lora_bwd_da": [exercise_lora], "lora_dropout_bits": [exercise_lora],
     "lora_shrink": [exercise_lora, exercise_lora_grouped],

@@ -27,6 +27,14 @@ def test_entries_take_the_faster_valid_path_and_name_the_run():
     assert all(e["run"] == "2026-12-01-h200-headline.json" for e in entries)
 
 
+def test_the_persistent_path_enters_the_table_where_it_was_measured():
+    rows = [_row("split", 2.0), _row("fused", 1.5), _row("persistent", 1.2),
+            _row("split", 1.0, M=64), _row("fused", 1.5, M=64)]  # a GPU without TMA: two paths
+    by = {e["m_bucket"]: e for e in lora_dispatch.entries_from_rows(rows, "9.0", "run-p")}
+    assert by[4096]["path"] == "persistent" and by[4096]["persistent_ms"] == 1.2 and by[4096]["fused_ms"] == 1.5
+    assert by[64]["path"] == "split" and "persistent_ms" not in by[64]
+
+
 def test_written_table_is_what_the_choice_reads(tmp_path, monkeypatch):
     table = tmp_path / "lora_dispatch.json"
     table.write_text(json.dumps({"format": lora_dispatch.FORMAT, "entries": []}))

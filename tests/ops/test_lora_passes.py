@@ -126,7 +126,8 @@ def _measure(provider: str, p: float, counters: list) -> dict:
 
 @pytest.mark.parametrize("p", [0.0, 0.1])
 @pytest.mark.parametrize("provider", ["base", "eager", pytest.param("split", marks=needs_triton),
-                                      pytest.param("fused", marks=needs_triton), "peft"])
+                                      pytest.param("fused", marks=needs_triton),
+                                      pytest.param("persistent", marks=needs_triton), "peft"])
 def test_pass_model_matches_what_each_path_reads_and_writes(provider, p, counted_launches, roofline):
     assert _measure(provider, p, counted_launches) == roofline.LORA_PASSES[provider][p > 0]
 

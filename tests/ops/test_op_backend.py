@@ -42,6 +42,23 @@ def test_forced_triton(monkeypatch):
             backend_for("lora_linear", "cpu", "triton")
 
 
+@needs_triton
+def test_persistent_path_needs_tma(monkeypatch):
+    """Forcing the persistent path where it cannot run is an error naming what would; a table entry
+    naming it on such a device (a Triton without tensor descriptors) runs the fused path instead."""
+    from odelta_fast.ops import lora_dispatch
+    from odelta_fast.ops.backend import kernels
+
+    device = "cuda" if CUDA else "cpu"
+    if kernels("lora").persistent_available(torch.device(device)):  # the interpreter, a Hopper GPU
+        assert backend_for("lora_linear", device, "persistent") == "persistent"
+    monkeypatch.setattr(kernels("lora"), "persistent_available", lambda device: False)
+    with pytest.raises(ValueError, match="compute capability 9.0 or later.*backend='fused'"):
+        backend_for("lora_linear", device, "persistent", K=64, N=64, r=8)
+    monkeypatch.setattr(lora_dispatch, "choose", lambda *a, **k: "persistent")
+    assert backend_for("lora_linear", device, "triton", M=4096, K=64, N=64, r=8) == "fused"
+
+
 def test_env_override(monkeypatch):
     monkeypatch.setenv("ODELTA_BACKEND", "eager")
     assert backend_for("lora_linear", "cuda", "triton") == "eager"

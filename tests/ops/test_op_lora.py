@@ -71,7 +71,7 @@ def check_lora(backend, inputs, scaling, p, dtype, *, grad_weight=False):
     torch.manual_seed(SEED)
     y = lora_linear(x, weight, bias, a, b, scaling, p, backend=backend)
     keep = drawn_keep(backend, p, tuple(x.shape), x.device, dtype)
-    if keep is not None:
+    if keep is not None and keep.numel():
         kept = (keep != 0).double().mean().item()
         assert abs(kept - (1 - p)) < 0.1 + 3.0 / max(1, keep.numel()) ** 0.5, f"keep fraction {kept} for p={p}"
         vals = keep.unique()
@@ -179,7 +179,7 @@ def test_triton_dropout_mask_is_philox_of_seed_and_offset():
     m=st.integers(1, 70), k=st.integers(1, 80), n=st.integers(1, 80), r=st.integers(1, 20),
     dtype=st.sampled_from([torch.float32, torch.float16] + ([torch.bfloat16] if CUDA else [])),
     lead3d=st.booleans(), x_strided=st.booleans(), w_transposed=st.booleans(), p=st.sampled_from([0.0, 0.15]),
-    bias=st.booleans(), scaling=st.floats(0.1, 4.0), path=st.sampled_from(["split", "fused"]),
+    bias=st.booleans(), scaling=st.floats(0.1, 4.0), path=st.sampled_from(["split", "fused", "persistent"]),
 )
 def test_lora_property(poison, m, k, n, r, dtype, lead3d, x_strided, w_transposed, p, bias, scaling, path):
     lead = (1, m) if lead3d else (m,)
@@ -269,3 +269,69 @@ def test_triton_dropout_keeps_one_minus_p_within_binomial_error(p):
     kept = (keep != 0).double().mean().item()
     sigma = (p * (1 - p) / keep.numel()) ** 0.5
     assert abs(kept - (1 - p)) < 5 * sigma, f"kept {kept:.5f} of 10^6, expected {1 - p} +- {5 * sigma:.5f}"
+
+
+# ----------------------------------------------------------------------------- the persistent path
+# (lead, K, N, r, bias, TMA-ready in 16-bit): rows of 16-byte multiples but K and N not multiples of
+# 16, so tiles are partial; the last two are not TMA-ready (a 16-bit row of 50 or 45 elements is not
+# a multiple of 16 bytes) and run the fused path's pointer-based GEMM instead.
+PERSISTENT_SHAPES = [
+    ((130,), 200, 136, 8, True, True),
+    ((2, 33), 72, 264, 16, False, True),
+    ((1,), 40, 24, 1, True, True),
+    ((0,), 64, 64, 4, True, True),
+    ((37,), 50, 40, 4, True, False),
+    ((300,), 70, 45, 64, True, False),
+]
+
+
+class _PersistentLaunches:
+    """Counts launches of the persistent GEMM's two tunings (forward, dX)."""
+
+    def __enter__(self):
+        self.tunings = [kernels("lora").PERSISTENT_FWD, kernels("lora").PERSISTENT_DX]
+        self.counts = [0, 0]
+        for i, tuning in enumerate(self.tunings):
+            original = tuning.launch
+
+            def counted(*args, i=i, original=original, **kwargs):
+                self.counts[i] += 1
+                return original(*args, **kwargs)
+
+            tuning.launch = counted
+        return self
+
+    def __exit__(self, *exc):
+        for tuning in self.tunings:
+            del tuning.launch
+
+
+@needs_triton
+@pytest.mark.parametrize("p", [0.0, 0.2])
+@pytest.mark.parametrize("dtype", kernel_dtypes())
+@pytest.mark.parametrize("shape", PERSISTENT_SHAPES, ids=lambda s: f"M{s[0]}-K{s[1]}-N{s[2]}-r{s[3]}")
+def test_persistent_path_matches_reference(shape, dtype, p, poison):
+    """The persistent TMA GEMM (forward and dX) against float64, and it is chosen exactly where it
+    may run: 16-bit tensors whose rows TMA can copy (M = 0 reaches ``Tuning.launch``, which skips
+    the empty grid)."""
+    lead, K, N, r, bias, tma_ready = shape
+    inputs = make_inputs(lead, K, N, r, dtype, DEVICE, bias=bias, gen_seed=K + N)
+    with _PersistentLaunches() as launches:
+        check_lora("persistent", inputs, 1.3, p, dtype)
+    runs = tma_ready and dtype != torch.float32
+    assert launches.counts == ([1, 1] if runs else [0, 0]), launches.counts
+
+
+@needs_triton
+def test_persistent_path_falls_back_for_layouts_tma_cannot_copy(poison):
+    """A strided x or a transposed weight (unit stride on the wrong side) runs the pointer GEMM."""
+    inputs = make_inputs((40,), 72, 56, 8, torch.float16, DEVICE, gen_seed=5)
+    inputs["weight"] = inputs["weight"].t().contiguous().t()
+    with _PersistentLaunches() as launches:
+        check_lora("persistent", inputs, 1.0, 0.1, torch.float16)
+    assert launches.counts == [0, 0]
+    inputs = make_inputs((40,), 72, 56, 8, torch.float16, DEVICE, gen_seed=5)
+    inputs["x"] = noncontiguous(inputs["x"].detach()).requires_grad_()
+    with _PersistentLaunches() as launches:
+        check_lora("persistent", inputs, 1.0, 0.1, torch.float16)
+    assert launches.counts == [0, 1], launches.counts  # dX's operands (dY, W, dX) are still TMA-ready
