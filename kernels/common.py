@@ -142,7 +142,7 @@ class Tuning:
 
     def __init__(self, name: str, kernel, gpu: Sequence[triton.Config], *, interpreter: Optional[triton.Config] = None,
                  key: Optional[list[str]] = None, prune: Optional[Callable] = None,
-                 smem_bound: Optional[Callable] = None, min_arch: int = 80):
+                 smem_bound: Optional[Callable] = None, unaligned: Optional[Callable] = None, min_arch: int = 80):
         self.name = name
         # The oldest GPU architecture (compute capability x 10) the kernel is launched on.
         self.min_arch = min_arch
@@ -150,7 +150,7 @@ class Tuning:
         self.gpu = list(gpu)
         self.interpreter = interpreter if interpreter is not None else self.gpu[0]
         if smem_bound is not None and prune is None:
-            prune = prune_by_shared_memory(smem_bound)
+            prune = prune_by_shared_memory(smem_bound, unaligned)
         self.prune = prune
         # (config, named_args, launch kwargs) -> bytes: an upper bound of the shared memory the
         # config compiles to, which the prune compares with the device's limit.
@@ -210,12 +210,25 @@ def _first_tensor(named_args: dict) -> torch.Tensor:
     return next(v for v in named_args.values() if isinstance(v, torch.Tensor))
 
 
-def prune_by_shared_memory(smem_bound: Callable):
+def launch_aligned(named_args: dict) -> bool:
+    """Whether a launch's feature sizes (K, N; an adapter's D, DOUT) are all multiples of 16: for
+    contiguous operands the row strides then are too, the specialization under which the compiler
+    vectorises the big loads. Without it, the pipelined configs keep every element's address and
+    value in registers and spill (the ``odd`` rows of ``bench/results/kernel-resources.md``), so
+    the prunes keep the configs that do not. (The rank's strides do not count: a rank-r operand is
+    one small load per tile.)"""
+    return all(named_args[k] % 16 == 0 for k in ("K", "N", "D", "DOUT") if k in named_args)
+
+
+def prune_by_shared_memory(smem_bound: Callable, unaligned: Optional[Callable] = None):
     """An autotune prune: the configs whose shared-memory bound fits the launch's device, and no
-    taller than the token count needs (``M_BUCKET``). Never empty: falls back to the config with
+    taller than the token count needs (``M_BUCKET``); for a launch that is not ``launch_aligned``,
+    only the configs ``unaligned(config)`` accepts. Never empty: falls back to the config with
     the smallest bound, then the shortest. ``tests/ops/compile_for_gpu.py`` checks the bound
     against the compiler and that what is kept fits and does not spill."""
     def prune(configs, named_args, **kwargs):
+        if unaligned is not None and not launch_aligned(named_args):
+            configs = [c for c in configs if unaligned(c)] or configs
         limit = max_shared_memory(_first_tensor(named_args).device)
         bounds = {id(c): smem_bound(c, named_args, kwargs) for c in configs}
         fits = [c for c in configs if bounds[id(c)] <= limit] or [min(configs, key=lambda c: bounds[id(c)])]

@@ -315,3 +315,39 @@ def test_deterministic_mode_gives_the_same_gradients():
     for name in normal:
         assert torch.equal(runs[0][name], runs[1][name]), f"grad {name} differs run to run"
         torch.testing.assert_close(runs[0][name], normal[name], rtol=1e-4, atol=1e-4)
+
+
+# ----------------------------------------------------------------------------- unaligned launches
+def _pruned_configs(tuning, launcher, *args):
+    """The configs ``tuning``'s prune keeps for the launch ``launcher(*args)`` makes (recorded, not run)."""
+    seen = []
+    tuning.launch = lambda grid, *a, **k: seen.append((a, k))
+    try:
+        launcher(*args)
+    finally:
+        del tuning.launch
+    (a, k), = seen
+    return tuning.prune(tuning.gpu, dict(zip(tuning.kernel.arg_names, a)), **k)
+
+
+@pytest.mark.parametrize("K, N", [(200, 100), (256, 512)])
+def test_unaligned_launches_keep_only_configs_that_do_not_spill(K, N):
+    """K or N not a multiple of 16: the GEMMs keep their 32-deep tile, the adapter its 16-row 8-warp
+    tile (the configs the `odd` rows of bench/results/kernel-resources.md show spilling least)."""
+    common, lora, adapter = _kernels("common"), _kernels("lora"), _kernels("adapter")
+    aligned = K % 16 == 0 and N % 16 == 0
+    x, w = torch.randn(256, K, dtype=torch.float16), torch.randn(N, K, dtype=torch.float16)
+    a, b = torch.randn(8, K, dtype=torch.float16), torch.randn(N, 8, dtype=torch.float16)
+    seed = torch.zeros(1, dtype=torch.int64)
+    fwd = _pruned_configs(lora.FWD, lora.fused_forward, x, w, None, a, b, 1.0, 0.0, seed)
+    dx = _pruned_configs(lora.DX, lora.fused_backward, torch.randn(256, N, dtype=torch.float16), x, w, a, b,
+                         torch.randn(256, 8, dtype=torch.float16), torch.empty(0, dtype=torch.uint8), 1.0, 0.0,
+                         True, False, False)
+    wd, wu = torch.randn(64, K, dtype=torch.float16), torch.randn(K, 64, dtype=torch.float16)
+    ad = _pruned_configs(adapter.FWD, adapter.adapter_fwd, x, wd, None, wu, None, x, "gelu_new", 1.0, True)
+    if aligned:
+        assert len(fwd) > 1 and len(dx) > 1 and len(ad) > 1, (fwd, dx, ad)
+    else:
+        assert [c.kwargs["BLOCK_K"] for c in fwd] == [32] and [c.kwargs["BLOCK_N"] for c in dx] == [32], (fwd, dx)
+        assert [(c.kwargs["BLOCK_M"], c.num_warps) for c in ad] == [(16, 8)], ad
+    assert common.launch_aligned({"K": K, "N": N, "stride_xk": 1, "M": 130}) == aligned
