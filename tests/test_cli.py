@@ -361,6 +361,11 @@ def test_env_reports_versions_and_backends(capsys):
     info = json.loads(capsys.readouterr().out)
     assert info["torch"] == torch.__version__ and info["backends"]["eager"] == "yes"
     assert info["lora_paths"].startswith("split for every shape")  # the shipped table is empty until a GPU run
+    # no GPU here: the persistent path says why it cannot run (or that the interpreter would run it)
+    if torch.cuda.is_available():
+        assert info["lora_persistent"] == "yes" or info["lora_persistent"].startswith("no: "), info["lora_persistent"]
+    else:
+        assert info["lora_persistent"] in ("no CUDA device", "interpreter mode", "no (triton not installed)")
 
 
 def test_bench_lists_and_rejects_unknown(capsys):

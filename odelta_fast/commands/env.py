@@ -100,9 +100,28 @@ def collect() -> dict[str, Any]:
     from ..ops import lora_dispatch
 
     info["lora_paths"] = lora_dispatch.summary()
+    info["lora_persistent"] = _persistent_path(triton_importable, interpret)
     info["env"] = {k: os.environ[k] for k in ("ODELTA_BACKEND", "ODELTA_VERBOSITY", "TRITON_INTERPRET",
                                               "CUDA_VISIBLE_DEVICES") if k in os.environ}
     return info
+
+
+def _persistent_path(triton_importable: bool, interpret: bool) -> str:
+    """Whether ``backend="persistent"`` (LoRA's TMA GEMM path) can run here, and if not, why."""
+    import torch
+
+    if not triton_importable:
+        return "no (triton not installed)"
+    if not torch.cuda.is_available() and not interpret:
+        return "no CUDA device"
+    from ..ops import backend_for
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        backend_for("lora_linear", device, "persistent")
+    except ValueError as err:
+        return f"no: {err}"
+    return "yes" if device == "cuda" else "interpreter mode"
 
 
 def run(args: argparse.Namespace) -> int:
@@ -123,6 +142,7 @@ def run(args: argparse.Namespace) -> int:
     ]
     rows += [(f"backend {name}", state) for name, state in info["backends"].items()]
     rows.append(("LoRA Triton path", info["lora_paths"]))
+    rows.append(("LoRA persistent", info["lora_persistent"]))
     rows += [(name, value) for name, value in info["env"].items()]
     width = max(len(name) for name, _ in rows)
     for name, value in rows:

@@ -1,5 +1,5 @@
 """Backend choice for every op: the one place that decides eager, Triton (and for LoRA which Triton
-path, split or fused) or CUDA.
+path: split, fused or persistent) or CUDA.
 
 ``backend_for(op, tensors or device, backend, dtype=..., **shape)`` is the decision: every op calls
 it before running, and ``delta.log()`` / ``odelta-fast env`` call it to say what runs. Each op
