@@ -414,8 +414,10 @@ def _gemm_configs(cols: str, red: str) -> list[triton.Config]:
         cfg(128, 256, 64, 8, 8, 3),
         cfg(128, 128, 64, 8, 8, 4),
         cfg(64, 128, 64, 8, 4, 4),
-        # fp32 tiles fit here on every target (the larger ones are pruned by shared memory).
-        cfg(64, 128, 32, 8, 4, 3),
+        # fp32 tiles fit here on every target (the larger ones are pruned by shared memory); and
+        # the tile of launches whose K or N is not a multiple of 16: on 8 warps the only one that
+        # spills in no specialization on sm_80 or sm_90 (4 warps spilled 12-268 B there).
+        cfg(64, 128, 32, 8, 8, 3),
         # Small M (decode, short batches): a 16-row tile (tl.dot minimum) wastes no rows.
         cfg(16, 128, 128, 1, 4, 4),
     ]
@@ -429,8 +431,8 @@ def _interpreter_gemm(cols: str, red: str) -> triton.Config:
 _AUTOTUNE_KEY = ["M_BUCKET", "N", "K", "R"]
 
 
-# K or N not a multiple of 16 (no vectorised loads): every pipelined tile spills but the 32-deep
-# one, which spills least (none on sm_90 forward; see the `odd` rows of the resource table).
+# K or N not a multiple of 16 (no vectorised loads): every deeper or taller tile spills, the
+# 32-deep one on 8 warps does not (the `odd` rows of bench/results/kernel-resources.md).
 FWD = Tuning("lora_fwd", _lora_fwd_kernel, _gemm_configs("BLOCK_N", "BLOCK_K"),
              interpreter=_interpreter_gemm("BLOCK_N", "BLOCK_K"), key=_AUTOTUNE_KEY,
              smem_bound=_gemm_smem("BLOCK_N", "BLOCK_K"), unaligned=lambda c: c.kwargs["BLOCK_K"] == 32)

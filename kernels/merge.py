@@ -50,8 +50,9 @@ def _lora_merge_kernel(
 # ============================================================================ launch configuration
 
 # 64 x 128 tiles: 8K elements per program keeps the copy bandwidth-bound; the interpreter prefers
-# few big tiles too.
-MERGE = Tuning("lora_merge", _lora_merge_kernel, [triton.Config({"BLOCK_N": 64, "BLOCK_K": 128}, num_warps=4)])
+# few big tiles too. Eight warps: on four, a W whose sides are not multiples of 16 (per-element
+# addresses, no vector loads) spilled on sm_80 and sm_90.
+MERGE = Tuning("lora_merge", _lora_merge_kernel, [triton.Config({"BLOCK_N": 64, "BLOCK_K": 128}, num_warps=8)])
 
 
 # ============================================================================ host launcher

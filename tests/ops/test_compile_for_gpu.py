@@ -1,7 +1,8 @@
 """Every Triton kernel compiles with the real compiler for sm_90 and sm_80, without a GPU, with the
 specialization a real launch gets (16-byte alignment, divisibility by 16, sizes equal to 1 as
 constants), and no config the autotuner can choose exceeds its target's shared memory or spills
-registers in fp16/bf16 (``compile_for_gpu.py --quick``: the aligned launch of every op)."""
+registers in fp16/bf16 (``compile_for_gpu.py --quick``: the aligned launch of every op, and in fp16
+the launch whose K and N are not multiples of 16)."""
 from __future__ import annotations
 
 import os
