@@ -21,7 +21,7 @@ import triton.language as tl
 from torch import Tensor
 from torch.library import triton_op
 
-from .common import Tuning, dot_dtype, dot_precision, launch_aligned, m_bucket, new_output, pad_dim, step64
+from .common import Tuning, dot_dtype, dot_precision, m_bucket, new_output, pad_dim, step64
 
 # Activation codes (constexpr): names follow odelta_fast.ops.adapter.ACTIVATIONS.
 ACTIVATION_CODES = {
@@ -212,11 +212,7 @@ def _fits_registers(config, block_b: int) -> bool:
 
 def _prune(configs, named_args, **kwargs):
     """Configs whose bottleneck tiles fit the registers, no taller than the token count needs;
-    never empty (the smallest tile, most warps, for bottlenecks beyond every config). A feature
-    size or stride that is not a multiple of 16 leaves the 16-row, 8-warp tile alone: the only one
-    that does not spill without vectorised loads (``bench/results/kernel-resources.md``, ``odd``)."""
-    if not launch_aligned(named_args):
-        configs = [c for c in configs if _unaligned_ok(c)] or configs
+    never empty (the smallest tile, most warps, for bottlenecks beyond every config)."""
     block_b = kwargs["BLOCK_B"]
     m = named_args["M_BUCKET"]
     kept = [c for c in configs if _fits_registers(c, block_b) and c.kwargs["BLOCK_M"] <= max(16, m)]
@@ -224,6 +220,8 @@ def _prune(configs, named_args, **kwargs):
 
 
 def _unaligned_ok(config) -> bool:
+    """D or DOUT not a multiple of 16: the 16-row, 8-warp tile alone, the only one that does not
+    spill without vectorised loads (``bench/results/kernel-resources.md``, ``odd``)."""
     return config.kwargs["BLOCK_M"] == 16 and config.num_warps == 8
 
 
@@ -239,8 +237,10 @@ def _configs() -> list[triton.Config]:
 _INTERPRETER = triton.Config({"BLOCK_M": 64, "BLOCK_D": 128, "BLOCK_N": 128}, num_warps=4)
 _KEY = ["M_BUCKET", "D", "B", "DOUT"]
 
-FWD = Tuning("adapter_fwd", _adapter_fwd_kernel, _configs(), interpreter=_INTERPRETER, key=_KEY, prune=_prune)
-BWD = Tuning("adapter_bwd", _adapter_bwd_kernel, _configs(), interpreter=_INTERPRETER, key=_KEY, prune=_prune)
+FWD = Tuning("adapter_fwd", _adapter_fwd_kernel, _configs(), interpreter=_INTERPRETER, key=_KEY, prune=_prune,
+             unaligned=_unaligned_ok)
+BWD = Tuning("adapter_bwd", _adapter_bwd_kernel, _configs(), interpreter=_INTERPRETER, key=_KEY, prune=_prune,
+             unaligned=_unaligned_ok)
 
 
 # ============================================================================ host launchers

@@ -137,7 +137,8 @@ class Tuning:
     autotune: benchmarking needs a driver); tests switch the interpreter to the GPU lists
     (``gpu_configs()``) and force each config in turn (``forced``), so every config a GPU can choose
     is run on CPU too. ``prune`` (autotuned kernels) drops configs a device cannot run, e.g. by
-    shared memory; it must keep at least one.
+    shared memory; it must keep at least one. ``unaligned(config)`` (optional) names the configs a
+    launch that is not ``launch_aligned`` may use; the prune then chooses among those.
     """
 
     def __init__(self, name: str, kernel, gpu: Sequence[triton.Config], *, interpreter: Optional[triton.Config] = None,
@@ -150,7 +151,9 @@ class Tuning:
         self.gpu = list(gpu)
         self.interpreter = interpreter if interpreter is not None else self.gpu[0]
         if smem_bound is not None and prune is None:
-            prune = prune_by_shared_memory(smem_bound, unaligned)
+            prune = prune_by_shared_memory(smem_bound)
+        if unaligned is not None:
+            prune = _unaligned_first(unaligned, prune)
         self.prune = prune
         # (config, named_args, launch kwargs) -> bytes: an upper bound of the shared memory the
         # config compiles to, which the prune compares with the device's limit.
@@ -220,15 +223,22 @@ def launch_aligned(named_args: dict) -> bool:
     return all(named_args[k] % 16 == 0 for k in ("K", "N", "D", "DOUT") if k in named_args)
 
 
-def prune_by_shared_memory(smem_bound: Callable, unaligned: Optional[Callable] = None):
+def _unaligned_first(unaligned: Callable, prune: Optional[Callable]):
+    """``prune`` run on the configs ``unaligned`` accepts when the launch is not ``launch_aligned``
+    (on all of them otherwise, or when it accepts none)."""
+    def pruned(configs, named_args, **kwargs):
+        if not launch_aligned(named_args):
+            configs = [c for c in configs if unaligned(c)] or configs
+        return prune(configs, named_args, **kwargs) if prune is not None else configs
+    return pruned
+
+
+def prune_by_shared_memory(smem_bound: Callable):
     """An autotune prune: the configs whose shared-memory bound fits the launch's device, and no
-    taller than the token count needs (``M_BUCKET``); for a launch that is not ``launch_aligned``,
-    only the configs ``unaligned(config)`` accepts. Never empty: falls back to the config with
+    taller than the token count needs (``M_BUCKET``). Never empty: falls back to the config with
     the smallest bound, then the shortest. ``tests/ops/compile_for_gpu.py`` checks the bound
     against the compiler and that what is kept fits and does not spill."""
     def prune(configs, named_args, **kwargs):
-        if unaligned is not None and not launch_aligned(named_args):
-            configs = [c for c in configs if unaligned(c)] or configs
         limit = max_shared_memory(_first_tensor(named_args).device)
         bounds = {id(c): smem_bound(c, named_args, kwargs) for c in configs}
         fits = [c for c in configs if bounds[id(c)] <= limit] or [min(configs, key=lambda c: bounds[id(c)])]

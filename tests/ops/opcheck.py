@@ -72,3 +72,25 @@ def noncontiguous(t: torch.Tensor) -> torch.Tensor:
     out = wide[..., ::2]
     assert not out.is_contiguous() or t.shape[-1] <= 1
     return out.requires_grad_(t.requires_grad)
+
+
+class LaunchCounter:
+    """Counts the launches of one kernel (its ``Tuning``) inside a ``with`` block, so a test can
+    assert that a path reached the kernel, or did not."""
+
+    def __init__(self, tuning):
+        self.tuning = tuning
+        self.count = 0
+
+    def __enter__(self):
+        original = self.tuning.launch
+
+        def counted(*args, **kwargs):
+            self.count += 1
+            return original(*args, **kwargs)
+
+        self.tuning.launch = counted
+        return self
+
+    def __exit__(self, *exc):
+        del self.tuning.launch  # back to the class's method

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from opcheck import DEVICE, assert_close_to_ref, needs_triton, noncontiguous, triton_ok
+from opcheck import DEVICE, LaunchCounter, assert_close_to_ref, needs_triton, noncontiguous, triton_ok
 
 FULL = os.environ.get("ODELTA_EVERY_CONFIG_FULL") == "1"
 KERNEL_MODULES = ("lora", "adapter", "bias", "merge", "multi_lora", "experts_lora")
@@ -219,34 +219,10 @@ def test_every_gpu_config_matches_reference(gpu_lists, case, dtype):
     name, index = case
     config = TUNINGS[name].gpu[index]
     with kernels("common").forced(name, config):
-        launched = _count_launches(name)
-        with launched:
+        with LaunchCounter(TUNINGS[name]) as launched:
             for exercise in EXERCISES[name]:
                 exercise(index, dtype)
         assert launched.count > 0, f"{name} was never launched by its exercise"
-
-
-class _count_launches:
-    """Counts launches of one kernel (so an exercise that stopped reaching it fails)."""
-
-    def __init__(self, name):
-        from odelta_fast.ops.backend import kernels
-
-        self.tuning = kernels("common").TUNINGS[name]
-        self.count = 0
-
-    def __enter__(self):
-        original = self.tuning.launch
-
-        def counted(*args, **kwargs):
-            self.count += 1
-            return original(*args, **kwargs)
-
-        self.tuning.launch = counted
-        return self
-
-    def __exit__(self, *exc):
-        del self.tuning.launch  # back to the class's method
 
 
 def test_every_kernel_has_configs_and_an_exercise():

@@ -12,6 +12,8 @@ the zero init) and kernel outputs are poisoned with NaN before each run.
 """
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -20,7 +22,7 @@ from hypothesis import strategies as st
 from odelta_fast.ops import lora_linear, lora_linear_reference, lora_shrink_grouped
 from odelta_fast.ops import lora as lora_mod
 from odelta_fast.ops.backend import kernels
-from opcheck import CUDA, DEVICE, assert_close_to_ref, kernel_dtypes, needs_triton, noncontiguous
+from opcheck import CUDA, DEVICE, LaunchCounter, assert_close_to_ref, kernel_dtypes, needs_triton, noncontiguous
 
 # "triton" runs the path the dispatch table picks (split: no GPU measurement ships yet); "fused"
 # forces the other one.
@@ -285,25 +287,13 @@ PERSISTENT_SHAPES = [
 ]
 
 
-class _PersistentLaunches:
-    """Counts launches of the persistent GEMM's two tunings (forward, dX)."""
-
-    def __enter__(self):
-        self.tunings = [kernels("lora").PERSISTENT_FWD, kernels("lora").PERSISTENT_DX]
-        self.counts = [0, 0]
-        for i, tuning in enumerate(self.tunings):
-            original = tuning.launch
-
-            def counted(*args, i=i, original=original, **kwargs):
-                self.counts[i] += 1
-                return original(*args, **kwargs)
-
-            tuning.launch = counted
-        return self
-
-    def __exit__(self, *exc):
-        for tuning in self.tunings:
-            del tuning.launch
+@contextlib.contextmanager
+def _persistent_launches():
+    """Launch counts of the persistent GEMM's two tunings, ``[forward, dX]``, filled on exit."""
+    counts = []
+    with LaunchCounter(kernels("lora").PERSISTENT_FWD) as fwd, LaunchCounter(kernels("lora").PERSISTENT_DX) as dx:
+        yield counts
+    counts += [fwd.count, dx.count]
 
 
 @needs_triton
@@ -316,10 +306,10 @@ def test_persistent_path_matches_reference(shape, dtype, p, poison):
     the empty grid)."""
     lead, K, N, r, bias, tma_ready = shape
     inputs = make_inputs(lead, K, N, r, dtype, DEVICE, bias=bias, gen_seed=K + N)
-    with _PersistentLaunches() as launches:
+    with _persistent_launches() as counts:
         check_lora("persistent", inputs, 1.3, p, dtype)
     runs = tma_ready and dtype != torch.float32
-    assert launches.counts == ([1, 1] if runs else [0, 0]), launches.counts
+    assert counts == ([1, 1] if runs else [0, 0]), counts
 
 
 @needs_triton
@@ -327,11 +317,11 @@ def test_persistent_path_falls_back_for_layouts_tma_cannot_copy(poison):
     """A strided x or a transposed weight (unit stride on the wrong side) runs the pointer GEMM."""
     inputs = make_inputs((40,), 72, 56, 8, torch.float16, DEVICE, gen_seed=5)
     inputs["weight"] = inputs["weight"].t().contiguous().t()
-    with _PersistentLaunches() as launches:
+    with _persistent_launches() as counts:
         check_lora("persistent", inputs, 1.0, 0.1, torch.float16)
-    assert launches.counts == [0, 0]
+    assert counts == [0, 0], counts
     inputs = make_inputs((40,), 72, 56, 8, torch.float16, DEVICE, gen_seed=5)
     inputs["x"] = noncontiguous(inputs["x"].detach()).requires_grad_()
-    with _PersistentLaunches() as launches:
+    with _persistent_launches() as counts:
         check_lora("persistent", inputs, 1.0, 0.1, torch.float16)
-    assert launches.counts == [0, 1], launches.counts  # dX's operands (dY, W, dX) are still TMA-ready
+    assert counts == [0, 1], counts  # dX's operands (dY, W, dX) are still TMA-ready
